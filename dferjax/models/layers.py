@@ -1,0 +1,159 @@
+"""Transformer pieces shared by the video models: pre-LN attention, MLP, stochastic depth, position tables.
+
+Everything works on token arrays `[*batch, tokens, dim]` with any number of leading batch axes, so a
+factorised space-time model attends over positions with `[batch, frames, positions, dim]` and over time
+with `[batch, positions, frames, dim]` without flattening to one token list.
+"""
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ATTENTION_IMPLS = ('xla', 'cudnn')
+
+# PyTorch's nn.Linear default (kaiming_uniform with a=sqrt(5)) = U(+-1/sqrt(fan_in)) for weight and bias.
+torch_linear_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+def torch_linear_bias_init(fan_in: int):
+  """U(+-1/sqrt(fan_in)), PyTorch's Linear/Conv bias default; flax's bias_init cannot see fan_in."""
+  bound = 1 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def torch_dense(features: int, in_features: int, **kwargs) -> nn.Dense:
+  """nn.Dense initialised like torch.nn.Linear, for models whose reference code keeps torch defaults."""
+  return nn.Dense(features, kernel_init=torch_linear_kernel_init,
+                  bias_init=torch_linear_bias_init(in_features), **kwargs)
+
+
+def merge_frames(video: jax.Array) -> jax.Array:
+  """[batch, frames, *rest] -> [batch * frames, *rest], for running a 2D backbone per frame."""
+  if video.ndim < 3:
+    raise ValueError(f'expected [batch, frames, ...], got shape {video.shape}')
+  return video.reshape((-1,) + video.shape[2:])
+
+
+def split_frames(x: jax.Array, num_frames: int) -> jax.Array:
+  """[batch * frames, *rest] -> [batch, frames, *rest]."""
+  if x.shape[0] % num_frames:
+    raise ValueError(f'leading axis {x.shape[0]} of {x.shape} is not a multiple of num_frames={num_frames}')
+  return x.reshape((x.shape[0] // num_frames, num_frames) + x.shape[1:])
+
+
+def flatten_positions(feature_map: jax.Array) -> jax.Array:
+  """[n, height, width, channels] -> [n, height * width, channels], row-major like torch's flatten(2)."""
+  if feature_map.ndim != 4:
+    raise ValueError(f'expected [n, height, width, channels], got shape {feature_map.shape}')
+  n, height, width, channels = feature_map.shape
+  return feature_map.reshape(n, height * width, channels)
+
+
+class MultiHeadSelfAttention(nn.Module):
+  """Self-attention over axis -2 of `x: [*batch, tokens, dim]`; leading axes are independent sequences.
+
+  One fused `qkv` Dense whose outputs are ordered (q|k|v, head, head_dim), as timm/mx-mark's
+  `Linear(dim, 3 * dim)`, so torch weights copy over with a transpose.
+  """
+  num_heads: int
+  qkv_bias: bool = True
+  attention_impl: str = 'xla'  # 'cudnn': flash attention on GPU (bf16/fp16 only)
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f'attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}')
+    *batch_shape, num_tokens, dim = x.shape
+    if dim % self.num_heads:
+      raise ValueError(f'dim {dim} is not divisible by num_heads {self.num_heads}')
+    head_dim = dim // self.num_heads
+    qkv = torch_dense(3 * dim, dim, use_bias=self.qkv_bias, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name='qkv')(x)
+    # jax.nn.dot_product_attention wants exactly [batch, tokens, heads, head_dim].
+    qkv = qkv.reshape(-1, num_tokens, 3, self.num_heads, head_dim)
+    query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    out = jax.nn.dot_product_attention(query, key, value, implementation=self.attention_impl)
+    out = out.reshape(*batch_shape, num_tokens, dim)
+    return torch_dense(dim, dim, dtype=self.dtype, param_dtype=self.param_dtype, name='proj')(out)
+
+
+class Mlp(nn.Module):
+  """Dense -> GELU -> Dense on the last axis; hidden width `hidden_dim` or `mlp_ratio * dim`."""
+  mlp_ratio: float = 4.0
+  hidden_dim: Optional[int] = None
+  approximate_gelu: bool = False  # False: exact erf GELU (torch nn.GELU); True: tanh form (Former-DFER)
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    dim = x.shape[-1]
+    hidden_dim = self.hidden_dim or int(dim * self.mlp_ratio)
+    dense = lambda features, in_features, name: torch_dense(
+        features, in_features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    x = dense(hidden_dim, dim, 'fc1')(x)
+    x = jax.nn.gelu(x, approximate=self.approximate_gelu)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = dense(dim, hidden_dim, 'fc2')(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: zeroes a residual branch per batch element and rescales survivors by 1/(1-rate).
+
+  `batch_ndim` leading axes each get their own draw, e.g. 2 on `[batch, frames, positions, dim]` drops per
+  (sample, frame) as torch does on its reshaped `[(batch frames), positions, dim]`. `x` may be a pytree
+  whose leaves share those leading axes; they then share one mask. Uses the 'drop_path' rng collection.
+  """
+  rate: float
+  batch_ndim: int = 1
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    leaves = jax.tree.leaves(x)
+    mask_shape = leaves[0].shape[:self.batch_ndim]
+    if any(leaf.shape[:self.batch_ndim] != mask_shape for leaf in leaves):
+      raise ValueError(f'DropPath leaves disagree on the first {self.batch_ndim} axes: '
+                       f'{[leaf.shape for leaf in leaves]}')
+    keep_prob = 1.0 - self.rate
+    keep = jax.random.bernoulli(self.make_rng('drop_path'), keep_prob, mask_shape)
+
+    def apply(leaf):
+      scale = keep.reshape(mask_shape + (1,) * (leaf.ndim - self.batch_ndim)) / keep_prob
+      return leaf * scale.astype(leaf.dtype)
+
+    return jax.tree.map(apply, x)
+
+
+class PositionEmbedding(nn.Module):
+  """Adds a learnable table `[x.shape[axis], x.shape[-1]]` (trunc-normal 0.02) along `axis` of x."""
+  axis: int = -2
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    axis = self.axis % x.ndim
+    if axis == x.ndim - 1:
+      raise ValueError('PositionEmbedding axis must not be the feature axis')
+    table = self.param('embedding', nn.initializers.truncated_normal(0.02),
+                       (x.shape[axis], x.shape[-1]), self.param_dtype)
+    shape = [1] * x.ndim
+    shape[axis], shape[-1] = x.shape[axis], x.shape[-1]
+    return x + table.reshape(shape).astype(x.dtype)
+
+
+def drop_path_rates(max_rate: float, num_layers: int) -> list[float]:
+  """Linearly growing stochastic-depth rates, 0 for the first layer (timm / mx-mark convention)."""
+  return [float(rate) for rate in np.linspace(0.0, max_rate, num_layers)]

@@ -1,0 +1,80 @@
+"""Frame backbone: ResNet18 in torchvision's layout, so a PyTorch state_dict converts by name lookup.
+
+Names: `conv1`, `bn1`, `layer{stage}_{block}` with `conv1/bn1/conv2/bn2/downsample_0/downsample_1`
+(torchvision's `layer1.0.downsample.0` etc.). NHWC; input `[batch * frames, height, width, 3]`.
+"""
+from functools import partial
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# torchvision ResNet init: kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def _batch_norm(train: bool, dtype, param_dtype, name: str) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9,  # torch's momentum=0.1
+                      epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs with a residual; a 1x1 conv + BN shortcut when the shape changes (torchvision)."""
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32  # compute; 'bfloat16' on GPU/TPU
+  param_dtype: Any = jnp.float32  # float32 params for the optimizer
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:  # x: [n, height, width, channels]
+    conv = partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype,
+                   param_dtype=self.param_dtype)
+    norm = partial(_batch_norm, train, self.dtype, self.param_dtype)
+    y = conv(self.features, (3, 3), self.strides, padding=((1, 1), (1, 1)), name='conv1')(x)
+    y = nn.relu(norm('bn1')(y))
+    y = conv(self.features, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(y)
+    y = norm('bn2')(y)
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != self.features:
+      shortcut = conv(self.features, (1, 1), self.strides, padding='VALID', name='downsample_0')(x)
+      shortcut = norm('downsample_1')(shortcut)
+    return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+  """ResNet18 trunk (torchvision layout) that can stop after any stage.
+
+  Stage s has `width * 2**(s-1)` channels and stride 2 except stage 1; at 112 px the outputs are
+  28, 28, 14, 7, 4 px for the max-pool and stages 1..4. No fc head.
+  """
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)  # AEN uses (2, 1, 2, 2)
+  width: int = 64
+  last_stage: int = 4
+  pool: bool = False  # global average pool -> [n, channels] (CEFLNet/EST's 512-d frame feature)
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+    """images: [n, height, width, 3] -> [n, h', w', channels] or [n, channels] if `pool`."""
+    if not 1 <= self.last_stage <= len(self.stage_sizes):
+      raise ValueError(f'last_stage={self.last_stage} must be in 1..{len(self.stage_sizes)}')
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f'expected images [n, height, width, 3], got shape {images.shape}')
+    x = nn.Conv(self.width, (7, 7), 2, padding=((3, 3), (3, 3)), use_bias=False,
+                kernel_init=conv_kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                name='conv1')(images)
+    x = nn.relu(_batch_norm(train, self.dtype, self.param_dtype, 'bn1')(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf like torch
+    for stage, num_blocks in enumerate(self.stage_sizes[:self.last_stage]):
+      for block in range(num_blocks):
+        x = BasicBlock(self.width * 2**stage, strides=2 if stage > 0 and block == 0 else 1,
+                       dtype=self.dtype, param_dtype=self.param_dtype,
+                       name=f'layer{stage + 1}_{block}')(x, train=train)
+    if self.pool:
+      x = x.mean(axis=(1, 2))
+    return x
+
+
+ResNet18 = partial(ResNet, stage_sizes=(2, 2, 2, 2))

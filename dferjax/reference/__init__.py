@@ -1,0 +1,1 @@
+"""Independent PyTorch transcriptions of the models, for parity tests and the PyTorch benchmark (needs torch)."""

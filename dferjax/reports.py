@@ -1,0 +1,218 @@
+"""Reports from finished runs: confusion-matrix and learning-curve PNGs, and the papers' fold tables.
+
+Plots use matplotlib's object API with the Agg canvas (no pyplot, no global backend state), so they work
+headless and from any thread. Metric records come from `workdir/metrics.jsonl` (format in `writers`).
+"""
+from collections.abc import Mapping, Sequence
+import math
+import os
+import pathlib
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import numpy as np
+
+from dferjax import writers
+
+DPI = 100
+
+
+def confusion_figure(confusion, class_names: Sequence[str], normalize: bool = True) -> Figure:
+  """A heat map of confusion [C, C] (rows = true, columns = predicted) with counts in the cells.
+
+  With `normalize` the colours are row-normalised (per-class recall on the diagonal) and cells also
+  show that percentage; otherwise colours are raw counts.
+  """
+  confusion = np.asarray(confusion)
+  num_classes = len(class_names)
+  if confusion.shape != (num_classes, num_classes):
+    raise ValueError(f'confusion has shape {confusion.shape}, expected ({num_classes}, {num_classes}) for '
+                     f'class_names {list(class_names)}')
+  support = confusion.sum(axis=1, keepdims=True)
+  row_fraction = confusion / np.maximum(support, 1)  # a class with no clips shows a zero row
+  shown = row_fraction if normalize else confusion
+  side = 2.5 + 0.8 * num_classes
+  figure = Figure(figsize=(side + 1.0, side), dpi=DPI)
+  FigureCanvasAgg(figure)
+  axes = figure.add_subplot()
+  image = axes.imshow(shown, cmap='Blues', vmin=0, vmax=1 if normalize else max(int(confusion.max()), 1))
+  figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label='row fraction' if normalize else 'clips')
+  threshold = 0.5 * (1 if normalize else max(int(confusion.max()), 1))
+  for true_class in range(num_classes):
+    for predicted_class in range(num_classes):
+      count = int(confusion[true_class, predicted_class])
+      text = f'{count}\n{100 * row_fraction[true_class, predicted_class]:.1f}%' if normalize else str(count)
+      axes.text(predicted_class, true_class, text, ha='center', va='center', fontsize=8,
+                color='white' if shown[true_class, predicted_class] > threshold else 'black')
+  axes.set_xticks(range(num_classes), class_names, rotation=45, ha='right')
+  axes.set_yticks(range(num_classes), class_names)
+  axes.set_xlabel('predicted')
+  axes.set_ylabel('true')
+  figure.tight_layout()
+  return figure
+
+
+def render_rgb(figure: Figure) -> np.ndarray:
+  """uint8 [height, width, 3] pixels of a figure (for TensorBoard images)."""
+  canvas = FigureCanvasAgg(figure)
+  canvas.draw()
+  return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _save(figure: Figure, path: str | os.PathLike) -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(path, format='png', dpi=DPI)
+  return path
+
+
+def plot_confusion_matrix(confusion, class_names: Sequence[str], path: str | os.PathLike,
+                          normalize: bool = True) -> pathlib.Path:
+  """Writes the confusion matrix [C, C] as a PNG (counts, and row-normalised % with `normalize`)."""
+  return _save(confusion_figure(confusion, class_names, normalize), path)
+
+
+def plot_learning_curves(records: Sequence[Mapping], path: str | os.PathLike) -> pathlib.Path:
+  """Writes a PNG of train loss (left) and eval UAR/WAR in % (right) against epoch.
+
+  `records`: metric records as returned by `writers.read_records(workdir)`; train records need 'loss',
+  eval records (any split but 'train') 'uar' and 'war'.
+  """
+  train = [record for record in records if record['split'] == 'train' and record.get('loss') is not None]
+  evals = [record for record in records if record['split'] != 'train' and record.get('uar') is not None]
+  if not train and not evals:
+    raise ValueError("no train records with 'loss' and no eval records with 'uar' to plot")
+  figure = Figure(figsize=(11, 4), dpi=DPI)
+  FigureCanvasAgg(figure)
+  loss_axes, recall_axes = figure.subplots(1, 2)
+  if train:
+    loss_axes.plot([record['epoch'] for record in train], [record['loss'] for record in train], label='train loss')
+  for split in dict.fromkeys(record['split'] for record in records if record['split'] != 'train'):
+    if split_evals := [record for record in evals if record['split'] == split]:
+      epochs = [record['epoch'] for record in split_evals]
+      if any(record.get('loss') is not None for record in split_evals):
+        losses = [math.nan if record.get('loss') is None else record['loss'] for record in split_evals]
+        loss_axes.plot(epochs, losses, marker='.', label=f'{split} loss')
+      recall_axes.plot(epochs, [100 * record['uar'] for record in split_evals], marker='.', label=f'{split} UAR')
+      recall_axes.plot(epochs, [100 * record['war'] for record in split_evals], marker='.', label=f'{split} WAR')
+  loss_axes.set(xlabel='epoch', ylabel='loss', title='loss')
+  recall_axes.set(xlabel='epoch', ylabel='%', title='UAR / WAR')
+  for axes in (loss_axes, recall_axes):
+    axes.grid(alpha=0.3)
+    if axes.lines:
+      axes.legend()
+  figure.tight_layout()
+  return _save(figure, path)
+
+
+def _check_rows(results: Mapping[str, Mapping], class_names: Sequence[str]) -> None:
+  if not results:
+    raise ValueError('no fold results given')
+  for name, result in results.items():
+    if missing := [key for key in ('uar', 'war', 'per_class') if key not in result]:
+      raise ValueError(f'results for {name!r} lack {missing}')
+    if missing := [class_name for class_name in class_names if class_name not in result['per_class']]:
+      raise ValueError(f"results for {name!r}: per_class lacks {missing} (has {sorted(result['per_class'])})")
+
+
+def _per_fold_columns(results: Mapping[str, Mapping], class_names: Sequence[str]) -> dict[str, np.ndarray]:
+  """{'per_class/<name>', 'uar', 'war'} -> float64 [folds]; a class with no clips (None) -> nan."""
+  _check_rows(results, class_names)
+  as_float = lambda value: math.nan if value is None else float(value)
+  columns = {f'per_class/{name}': np.array([as_float(r['per_class'][name]) for r in results.values()])
+             for name in class_names}
+  columns.update({key: np.array([as_float(r[key]) for r in results.values()]) for key in ('uar', 'war')})
+  return columns
+
+
+def _reduce_folds(results, class_names, reduce) -> dict:
+  class_names = list(class_names) if class_names is not None else list(next(iter(results.values()))['per_class'])
+  columns = _per_fold_columns(results, class_names)
+  # nan-aware: a fold whose class had no clips (allow_empty) does not count for that class.
+  reduced = {key: float(reduce(values[~np.isnan(values)])) if (~np.isnan(values)).any() else math.nan
+             for key, values in columns.items()}
+  return {'uar': reduced['uar'], 'war': reduced['war'],
+          'per_class': {name: reduced[f'per_class/{name}'] for name in class_names}}
+
+
+def fold_mean(results: Mapping[str, Mapping], class_names: Sequence[str] | None = None) -> dict:
+  """Mean over folds of UAR, WAR and per-class recall: the papers' "5-fold mean" (not pooled clips).
+
+  `results`: fold name -> {'uar', 'war', 'per_class': {name: recall}} (fractions), e.g. from
+  `collect_fold_results`. Returns the same layout.
+  """
+  return _reduce_folds(results, class_names, np.mean)
+
+
+def fold_std(results: Mapping[str, Mapping], class_names: Sequence[str] | None = None) -> dict:
+  """Population standard deviation (ddof=0) over folds, in `fold_mean`'s layout."""
+  return _reduce_folds(results, class_names, np.std)
+
+
+def format_results_table(rows: Mapping[str, Mapping], class_names: Sequence[str], *, with_mean: bool = True,
+                         digits: int = 2) -> str:
+  """A Markdown table in the papers' layout: per-class accuracy (= recall), UAR, WAR in %, one row per fold.
+
+  `rows`: row name (fold1..fold5) -> {'uar', 'war', 'per_class'} as fractions. With `with_mean`, 'mean' and
+  'std' rows over the given rows follow. Columns keep `class_names`' order (canonical: happy, sad, neutral,
+  angry, surprise, disgust, fear, as in the papers' tables).
+  """
+  columns = _per_fold_columns(rows, class_names)
+  table = [[name, *(columns[f'per_class/{c}'][i] for c in class_names), columns['uar'][i], columns['war'][i]]
+           for i, name in enumerate(rows)]
+  if with_mean:
+    for name, reduced in (('mean', fold_mean(rows, class_names)), ('std', fold_std(rows, class_names))):
+      table.append([name, *(reduced['per_class'][c] for c in class_names), reduced['uar'], reduced['war']])
+  header = ['', *class_names, 'UAR', 'WAR']
+  cells = [[row[0], *('-' if math.isnan(value) else f'{100 * value:.{digits}f}' for value in row[1:])]
+           for row in table]
+  widths = [max(len(str(line[column])) for line in [header, *cells]) for column in range(len(header))]
+  format_line = lambda line: '| ' + ' | '.join(
+      str(cell).ljust(width) if column == 0 else str(cell).rjust(width)
+      for column, (cell, width) in enumerate(zip(line, widths))) + ' |'
+  separator = '|' + '|'.join('-' * (width + 1) + (':' if column else '-')
+                             for column, width in enumerate(widths)) + '|'
+  return '\n'.join([format_line(header), separator, *map(format_line, cells)])
+
+
+def collect_fold_results(workdirs: Sequence[str | os.PathLike], metric: str = 'best', select_by: str = 'war', *,
+                         split: str = 'test', fold_names: Sequence[str] | None = None) -> dict[str, dict]:
+  """Reads each fold's `metrics.jsonl` and picks one eval record per fold.
+
+  metric='best' takes, per fold, the epoch with the highest `select_by` ('war' or 'uar') on `split`, the
+  earliest on ties. That is selection on the test fold: DFEW's folds have no validation split, the public
+  DFER code we read keeps the best test epoch and the papers say nothing else (refs.md §6, item 12), so
+  this is what reproduces "paper numbers"; it is optimistic. metric='last' takes the final evaluation,
+  the number without selection on test.
+
+  Returns fold name (`fold_names`, default fold1..foldN in `workdirs` order) -> {'uar', 'war',
+  'per_class' (None -> nan), 'confusion' int64 [C, C], 'num_clips', 'epoch', 'step', 'workdir'}.
+  Raises FileNotFoundError listing every workdir without results.
+  """
+  if metric not in ('best', 'last'):
+    raise ValueError(f"metric must be 'best' or 'last', got {metric!r}")
+  if select_by not in ('war', 'uar'):
+    raise ValueError(f"select_by must be 'war' or 'uar', got {select_by!r}")
+  fold_names = list(fold_names) if fold_names is not None else [f'fold{i + 1}' for i in range(len(workdirs))]
+  if len(fold_names) != len(workdirs):
+    raise ValueError(f'{len(fold_names)} fold_names for {len(workdirs)} workdirs')
+  results, problems = {}, []
+  for fold_name, workdir in zip(fold_names, workdirs):
+    path = pathlib.Path(workdir) / writers.METRICS_FILENAME
+    if not path.is_file():
+      problems.append(f'{fold_name} ({workdir}): no {writers.METRICS_FILENAME}')
+      continue
+    evals = [record for record in writers.read_records(path, split) if record.get(select_by) is not None]
+    if not evals:
+      problems.append(f"{fold_name} ({workdir}): {path.name} has no '{split}' eval records")
+      continue
+    chosen = max(evals, key=lambda record: record[select_by]) if metric == 'best' else evals[-1]
+    results[fold_name] = {
+        'uar': chosen['uar'], 'war': chosen['war'],
+        'per_class': {name: math.nan if recall is None else recall for name, recall in chosen['per_class'].items()},
+        'confusion': np.asarray(chosen['confusion'], np.int64), 'num_clips': chosen['num_clips'],
+        'epoch': chosen['epoch'], 'step': chosen['step'], 'workdir': str(workdir),
+    }
+  if problems:
+    raise FileNotFoundError('fold workdirs without results:\n  ' + '\n  '.join(problems))
+  return results

@@ -1,0 +1,152 @@
+"""PNG plots, fold tables against numpy, best-epoch selection from metrics.jsonl."""
+import numpy as np
+import pytest
+from matplotlib import image as mpl_image
+from sklearn import metrics as sk_metrics
+
+from dferjax import reports
+from dferjax import writers
+
+CLASS_NAMES = ('happy', 'sad', 'neutral', 'angry', 'surprise', 'disgust', 'fear')
+
+
+def random_confusion(rng, num_clips=200, accuracy=0.6):
+  labels = rng.integers(0, 7, size=num_clips)
+  predictions = np.where(rng.random(num_clips) < accuracy, labels, rng.integers(0, 7, size=num_clips))
+  return sk_metrics.confusion_matrix(labels, predictions, labels=range(7))
+
+
+def random_fold_results(seed, num_folds=5):
+  rng = np.random.default_rng(seed)
+  return {f'fold{i + 1}': {'uar': rng.random(), 'war': rng.random(),
+                           'per_class': {name: rng.random() for name in CLASS_NAMES}} for i in range(num_folds)}
+
+
+def test_confusion_png(tmp_path):
+  confusion = random_confusion(np.random.default_rng(0))
+  for normalize in (True, False):
+    path = reports.plot_confusion_matrix(confusion, CLASS_NAMES, tmp_path / f'plots/confusion_{normalize}.png',
+                                         normalize=normalize)
+    assert path.stat().st_size > 10_000
+    pixels = mpl_image.imread(path)
+    assert 500 <= pixels.shape[0] <= 1200 and 500 <= pixels.shape[1] <= 1400 and pixels.shape[2] in (3, 4)
+    assert pixels[..., :3].std() > 0.05  # not a blank canvas
+  rgb = reports.render_rgb(reports.confusion_figure(confusion, CLASS_NAMES))
+  assert rgb.dtype == np.uint8 and rgb.shape[2] == 3
+  with pytest.raises(ValueError, match=r'expected \(7, 7\)'):
+    reports.plot_confusion_matrix(confusion[:6, :6], CLASS_NAMES, tmp_path / 'bad.png')
+
+
+def test_learning_curves_png(tmp_path):
+  rng = np.random.default_rng(1)
+  with writers.MetricWriter(tmp_path, enabled=True, tensorboard=False) as writer:
+    for epoch in range(1, 5):
+      writer.write('train', epoch * 10, epoch, {'loss': 2.0 / epoch})
+      writer.write_eval(epoch * 10, epoch, random_confusion(rng), CLASS_NAMES, loss=1.5 / epoch)
+  path = reports.plot_learning_curves(writers.read_records(tmp_path), tmp_path / 'curves.png')
+  pixels = mpl_image.imread(path)
+  assert pixels.shape[:2] == (400, 1100)
+  assert pixels[..., :3].std() > 0.05
+  with pytest.raises(ValueError, match='no train records'):
+    reports.plot_learning_curves([{'split': 'train', 'step': 1, 'epoch': 0}], tmp_path / 'empty.png')
+
+
+def test_fold_mean_std_and_table_against_numpy():
+  results = random_fold_results(2)
+  per_class = np.array([[r['per_class'][name] for name in CLASS_NAMES] for r in results.values()])  # [5, 7]
+  uar, war = (np.array([r[key] for r in results.values()]) for key in ('uar', 'war'))
+  mean, std = reports.fold_mean(results), reports.fold_std(results, CLASS_NAMES)
+  np.testing.assert_allclose([mean['per_class'][name] for name in CLASS_NAMES], per_class.mean(axis=0), rtol=1e-12)
+  np.testing.assert_allclose([mean['uar'], mean['war']], [uar.mean(), war.mean()], rtol=1e-12)
+  np.testing.assert_allclose([std['per_class'][name] for name in CLASS_NAMES], per_class.std(axis=0), rtol=1e-12)
+  np.testing.assert_allclose([std['uar'], std['war']], [uar.std(), war.std()], rtol=1e-12)
+
+  table = reports.format_results_table(results, CLASS_NAMES)
+  lines = table.splitlines()
+  assert len(lines) == 2 + 5 + 2
+  header = [cell.strip() for cell in lines[0].strip('|').split('|')]
+  assert header == ['', *CLASS_NAMES, 'UAR', 'WAR']
+  assert set(lines[1]) <= set('|-:')
+  cells = {line.strip('|').split('|')[0].strip(): [float(c) for c in line.strip('|').split('|')[1:]]
+           for line in lines[2:]}
+  assert list(cells) == ['fold1', 'fold2', 'fold3', 'fold4', 'fold5', 'mean', 'std']
+  want = np.concatenate([per_class, uar[:, None], war[:, None]], axis=1) * 100  # [5, 9] in %
+  np.testing.assert_allclose([cells[f'fold{i + 1}'] for i in range(5)], want, atol=0.005 + 1e-9)
+  np.testing.assert_allclose(cells['mean'], want.mean(axis=0), atol=0.005 + 1e-9)
+  np.testing.assert_allclose(cells['std'], want.std(axis=0), atol=0.005 + 1e-9)
+  assert len(reports.format_results_table(results, CLASS_NAMES, with_mean=False).splitlines()) == 7
+
+  del results['fold3']['per_class']['fear']
+  with pytest.raises(ValueError, match=r"'fold3': per_class lacks \['fear'\]"):
+    reports.format_results_table(results, CLASS_NAMES)
+  with pytest.raises(ValueError, match=r"'fold2' lack \['war'\]"):
+    reports.fold_mean({'fold2': {'uar': 0.5, 'per_class': {}}})
+
+
+def test_fold_mean_skips_empty_classes():
+  results = random_fold_results(3, num_folds=3)
+  results['fold2']['per_class']['disgust'] = None  # as read from JSON: a fold without disgust clips
+  mean = reports.fold_mean(results, CLASS_NAMES)
+  assert mean['per_class']['disgust'] == pytest.approx(
+      np.mean([results[f]['per_class']['disgust'] for f in ('fold1', 'fold3')]))
+  rows = [[cell.strip() for cell in line.strip('|').split('|')]
+          for line in reports.format_results_table(results, CLASS_NAMES).splitlines()[2:]]
+  disgust = 1 + CLASS_NAMES.index('disgust')
+  percent = lambda fold: f"{100 * results[fold]['per_class']['disgust']:.2f}"
+  assert [row[disgust] for row in rows[:3]] == [percent('fold1'), '-', percent('fold3')]
+  assert float(rows[3][disgust]) == pytest.approx(100 * mean['per_class']['disgust'], abs=0.005)
+
+
+def write_fold(workdir, eval_confusions, rng):
+  with writers.MetricWriter(workdir, enabled=True, tensorboard=False) as writer:
+    for epoch, confusion in enumerate(eval_confusions, start=1):
+      writer.write('train', epoch * 100, epoch, {'loss': rng.random()})
+      writer.write_eval(epoch * 100, epoch, confusion, CLASS_NAMES)
+
+
+def test_collect_fold_results_best_and_last(tmp_path):
+  rng = np.random.default_rng(4)
+  workdirs, confusions = [], []
+  for fold in range(1, 4):
+    fold_confusions = [random_confusion(rng, accuracy=a) for a in rng.uniform(0.2, 0.8, size=6)]
+    write_fold(tmp_path / f'run{fold}', fold_confusions, rng)
+    workdirs.append(str(tmp_path / f'run{fold}'))
+    confusions.append(fold_confusions)
+
+  for select_by in ('war', 'uar'):
+    best = reports.collect_fold_results(workdirs, 'best', select_by)
+    assert list(best) == ['fold1', 'fold2', 'fold3']
+    for fold_confusions, result in zip(confusions, best.values()):
+      scores = [np.trace(c) / c.sum() if select_by == 'war' else np.mean(np.diag(c) / c.sum(axis=1))
+                for c in fold_confusions]
+      best_epoch = int(np.argmax(scores)) + 1
+      assert result['epoch'] == best_epoch and result['step'] == best_epoch * 100
+      np.testing.assert_array_equal(result['confusion'], fold_confusions[best_epoch - 1])
+      assert result[select_by] == pytest.approx(max(scores), rel=1e-12)
+  last = reports.collect_fold_results(workdirs, 'last', fold_names=['a', 'b', 'c'])
+  assert [r['epoch'] for r in last.values()] == [6, 6, 6] and list(last) == ['a', 'b', 'c']
+  np.testing.assert_array_equal(last['b']['confusion'], confusions[1][-1])
+
+  table = reports.format_results_table(best, CLASS_NAMES)
+  mean_war = float(table.splitlines()[-2].strip('|').split('|')[-1])
+  assert mean_war == pytest.approx(100 * np.mean([r['war'] for r in best.values()]), abs=0.005)
+
+
+def test_collect_fold_results_ties_and_missing(tmp_path):
+  rng = np.random.default_rng(5)
+  good, worse = random_confusion(rng, accuracy=0.9), random_confusion(rng, accuracy=0.1)
+  write_fold(tmp_path / 'tie', [worse, good, good], rng)
+  assert reports.collect_fold_results([tmp_path / 'tie'])['fold1']['epoch'] == 2  # earliest best, as `acc > best`
+
+  (tmp_path / 'no_eval').mkdir()
+  (tmp_path / 'no_eval' / 'metrics.jsonl').write_text('{"split": "train", "step": 1, "epoch": 0, "loss": 1}\n')
+  workdirs = [tmp_path / 'tie', tmp_path / 'missing', tmp_path / 'no_eval']
+  with pytest.raises(FileNotFoundError) as error:
+    reports.collect_fold_results(workdirs)
+  message = str(error.value)
+  assert 'fold2' in message and 'missing' in message and 'no metrics.jsonl' in message
+  assert 'fold3' in message and "no 'test' eval records" in message and 'fold1' not in message
+  with pytest.raises(ValueError, match="'best' or 'last'"):
+    reports.collect_fold_results(workdirs, metric='mean')
+  with pytest.raises(ValueError, match="'war' or 'uar'"):
+    reports.collect_fold_results(workdirs, select_by='loss')
