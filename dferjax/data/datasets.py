@@ -1,0 +1,64 @@
+"""Class names and a one-call random-access source for the built DFEW / AFEW / FERV39K datasets.
+
+`data_source('dfew/fold1_px48', 'train', data_dir)` hides the TFDS builder classes: the pipeline and the trainer
+only name a dataset. Build first with `python scripts/build_dataset.py` (see `dferjax.data.build`).
+"""
+import os
+
+# Canonical label order 0..6 of every builder (DFEW's official 1..7 minus one; refs.md §2.5).
+CLASS_NAMES = ('happy', 'sad', 'neutral', 'angry', 'surprise', 'disgust', 'fear')
+
+DATASETS = ('dfew', 'afew', 'ferv39k')
+
+
+def builder_class(dataset: str):
+  """The TFDS builder class of 'dfew' | 'afew' | 'ferv39k' (imports tfds lazily)."""
+  if dataset == 'dfew':
+    from tfds_builders.dfew import Dfew
+    return Dfew
+  if dataset == 'afew':
+    from tfds_builders.afew import Afew
+    return Afew
+  if dataset == 'ferv39k':
+    from tfds_builders.ferv39k import Ferv39k
+    return Ferv39k
+  raise ValueError(f'dataset {dataset!r} not in {DATASETS}')
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+  """'dfew/fold1_px48' -> ('dfew', 'fold1_px48'); 'afew' -> ('afew', None) (the default config)."""
+  dataset, _, config = name.partition('/')
+  if dataset not in DATASETS:
+    raise ValueError(f'dataset name {name!r}: expected "<dataset>[/<config>]" with dataset in {DATASETS}')
+  return dataset, (config or None)
+
+
+def builder(name: str, data_dir: str):
+  """The TFDS builder for 'dfew/fold3_px224' etc.; any `px{size}` is accepted (tiny sizes for tests/demos)."""
+  dataset, config_name = split_name(name)
+  cls = builder_class(dataset)
+  # By name, not object: a pickled builder (grain worker processes) re-resolves it to the one config object
+  # TFDS accepts for that name.
+  config = cls.config_from_name(config_name).name if config_name else None
+  return cls(config=config, data_dir=os.fspath(data_dir))
+
+
+def data_source(name: str, split: str, data_dir: str):
+  """Random-access source (len + __getitem__) of one split; records follow contracts.md.
+
+  name: 'dfew/fold1', 'dfew/fold3_px224', 'dfew/fold1_px48', 'afew/px112', 'ferv39k/px112', ...
+  split: 'train' | 'test' (DFEW, FERV39K) | 'train' | 'validation' (AFEW); TFDS slices ('train[:10%]') work too.
+  """
+  dataset_builder = builder(name, data_dir)
+  if not (dataset_builder.data_path.is_dir() and dataset_builder.is_prepared()):
+    dataset, config_name = split_name(name)
+    raise FileNotFoundError(
+        f'{name} is not built: {dataset_builder.data_path} does not exist. Build it with\n'
+        f'  python scripts/build_dataset.py --dataset {dataset} --manual_dir <{dataset} root> '
+        f'--data_dir {data_dir} --configs {dataset_builder.builder_config.name}\n'
+        f'(or `python -m dferjax.data.synthetic --layout {dataset} --out <dir>` for a synthetic root).')
+  base_split = split.split('[', 1)[0]
+  if base_split not in dataset_builder.info.splits:
+    raise ValueError(f'split {split!r} not in {sorted(dataset_builder.info.splits)} of {name} '
+                     f'({dataset_builder.data_path})')
+  return dataset_builder.as_data_source(split=split)

@@ -1,0 +1,81 @@
+"""Re-evaluates a run's checkpoint, or collects DFEW's five folds into the papers' table.
+
+    python -m dferjax.evaluate --workdir runs/stt_dfew_fold1 [--step best|latest|N]
+    python -m dferjax.evaluate --folds runs/stt_dfew_fold1,runs/stt_dfew_fold2,... [--select_by war]
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+import jax
+import ml_collections
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A dferjax workdir to re-evaluate.')
+_STEP = flags.DEFINE_string('step', 'best', "'best', 'latest' or a step number.")
+_SPLIT = flags.DEFINE_string('split', None, 'Split to evaluate (default: the config eval_split).')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Override config.dataset.data_dir.')
+_FOLDS = flags.DEFINE_list('folds', None, 'Workdirs of the 5 DFEW folds, to collect into one table.')
+_SELECT_BY = flags.DEFINE_enum('select_by', 'war', ['war', 'uar'],
+                               'Fold table: per fold, the epoch with the best test metric (the public repos\' protocol).')
+_LAST = flags.DEFINE_bool('last', False, 'Fold table: use the last epoch instead of the best.')
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} does not exist: is {workdir!r} a dferjax workdir?')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = None, data_dir: str | None = None) -> dict:
+  """Restores one checkpoint of `workdir` and evaluates it on a split; returns the metrics."""
+  from dferjax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  from dferjax import sharding, train  # pylint: disable=import-outside-toplevel
+  from dferjax.data import datasets  # pylint: disable=import-outside-toplevel
+  config = load_run_config(workdir)
+  if data_dir:
+    config.dataset.data_dir = data_dir
+  checkpoints = checkpoint_lib.Checkpoints(workdir, read_only=True)
+  if step == 'best':
+    chosen = checkpoints.best_step() or checkpoints.latest_step()
+  elif step == 'latest':
+    chosen = checkpoints.latest_step()
+  else:
+    chosen = int(step)
+    if chosen not in checkpoints.all_steps():
+      raise ValueError(f'--step {chosen}: {workdir} holds steps {checkpoints.all_steps()}')
+  if chosen is None:
+    raise FileNotFoundError(f'{workdir} holds no checkpoint')
+  model = train.build_model(config)
+  tx = train.create_optimizer(config.optimizer, train.learning_rate_schedule(config.optimizer, 1, config.num_epochs))
+  steps = train.compile_steps(config, model, tx, sharding.make_mesh(), jax.random.key(config.seed))
+  state = checkpoints.restore(chosen, steps.abstract_state)
+  checkpoints.close()
+  source = datasets.data_source(config.dataset.name, split or config.dataset.eval_split, config.dataset.data_dir)
+  result = train.evaluate(steps, state, config, source)
+  result['step'] = chosen
+  return result
+
+
+def main(argv):
+  del argv
+  from dferjax import reports  # pylint: disable=import-outside-toplevel
+  from dferjax.configlib import CLASS_NAMES  # pylint: disable=import-outside-toplevel
+  if bool(_WORKDIR.value) == bool(_FOLDS.value):
+    raise app.UsageError('give exactly one of --workdir and --folds')
+  if _WORKDIR.value:
+    result = evaluate_checkpoint(_WORKDIR.value, _STEP.value, _SPLIT.value, _DATA_DIR.value)
+    print(f'{_WORKDIR.value} step {result["step"]}:')
+    print(reports.format_results_table({os.path.basename(_WORKDIR.value.rstrip('/')): result}, CLASS_NAMES,
+                                       with_mean=False))
+  else:
+    results = reports.collect_fold_results(_FOLDS.value, metric='last' if _LAST.value else 'best',
+                                           select_by=_SELECT_BY.value)
+    print(reports.format_results_table(results, CLASS_NAMES))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,41 @@
+"""Runs (or resumes, or just collects) DFEW's five folds and prints the table in the papers' layout.
+
+    python scripts/run_folds.py --config configs/stt_dfew.py --workdir runs/stt_dfew [--folds 1,2,3,4,5]
+        [--collect_only] [-- --config.batch_size=64 ...]
+
+Fold k trains in `<workdir>_fold<k>` with `configs/...:fold=k`; a fold whose run is complete is only collected
+(the trainer resumes, finds no step left to train and only evaluates the last checkpoint). Per fold the table shows the epoch
+with the best test metric, the protocol of every public DFER repository (refs.md §6.12), then the mean.
+"""
+import argparse
+import os
+import subprocess
+import sys
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config', required=True, help='a config that takes fold=k, e.g. configs/stt_dfew.py')
+  parser.add_argument('--workdir', required=True, help='prefix: fold k runs in <workdir>_fold<k>')
+  parser.add_argument('--folds', default='1,2,3,4,5')
+  parser.add_argument('--collect_only', action='store_true', help='do not train; only print the table')
+  parser.add_argument('--select_by', default='war', choices=['war', 'uar'])
+  parser.add_argument('overrides', nargs='*', help='extra flags for dferjax.main, after --')
+  args = parser.parse_args()
+  folds = [int(k) for k in args.folds.split(',')]
+  workdirs = [f'{args.workdir}_fold{k}' for k in folds]
+  if not args.collect_only:
+    for fold, workdir in zip(folds, workdirs):
+      command = [sys.executable, '-m', 'dferjax.main', f'--config={args.config}:fold={fold}', f'--workdir={workdir}',
+                 *args.overrides]
+      print('+', ' '.join(command), flush=True)
+      subprocess.run(command, check=True)
+  from dferjax import reports  # pylint: disable=import-outside-toplevel
+  from dferjax.configlib import CLASS_NAMES  # pylint: disable=import-outside-toplevel
+  results = reports.collect_fold_results(workdirs, metric='best', select_by=args.select_by)
+  print(reports.format_results_table(results, CLASS_NAMES))
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, os.getcwd())
+  main()

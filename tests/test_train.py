@@ -1,0 +1,181 @@
+"""End to end: the trainer on a built synthetic dataset, resume after SIGKILL, 1 vs 2 devices, bad inputs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dferjax import checkpoint as checkpoint_lib
+from dferjax import configlib, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO, 'tests', 'tiny_config.py')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  """The synthetic DFEW layout, built as TFDS `dfew/fold1_px32` (the real builder code path)."""
+  from dferjax.data import build, synthetic
+  root = tmp_path_factory.mktemp('synthetic')
+  manual_dir, data_dir = root / 'manual', root / 'tfds'
+  synthetic.write_dfew(str(manual_dir), clips_per_class=3, seed=0)
+  build.build('dfew', manual_dir=str(manual_dir), data_dir=str(data_dir), configs=['fold1_px32'])
+  return str(data_dir)
+
+
+def tiny_config(data_dir, arg=None, **overrides):
+  config = configlib.load_config(TINY_CONFIG, arg)
+  with config.unlocked():
+    config.dataset.data_dir = data_dir
+    for key, value in overrides.items():
+      node = config
+      *parents, leaf = key.split('.')
+      for parent in parents:
+        node = node[parent]
+      node[leaf] = value
+  return config
+
+
+def run_main(workdir, data_dir, *extra, wait=True):
+  command = [sys.executable, '-m', 'dferjax.main', f'--config={TINY_CONFIG}', f'--workdir={workdir}',
+             f'--config.dataset.data_dir={data_dir}', '--compilation_cache=', *extra]
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'JAX_PLATFORMS': 'cpu'}
+  process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  if not wait:
+    return process
+  output, _ = process.communicate(timeout=600)
+  return process.returncode, output
+
+
+def final_params(workdir):
+  checkpoints = checkpoint_lib.Checkpoints(str(workdir), read_only=True)
+  step = checkpoints.latest_step()
+  arrays = checkpoints.restore_arrays(step)
+  checkpoints.close()
+  return step, arrays
+
+
+def test_train_writes_metrics_reports_and_checkpoints(tmp_path, data_dir):
+  config = tiny_config(data_dir)
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert 0 <= result['war'] <= 1 and 0 <= result['uar'] <= 1
+  confusion = np.array(result['confusion'])
+  assert confusion.shape == (7, 7) and confusion.sum() == 21 - 21 * 4 // 5  # fold-1 test clips: 3 per class / 5 folds
+  for name in ('metrics.jsonl', 'confusion_matrix.png', 'learning_curves.png', 'results.json', 'config.json'):
+    assert os.path.getsize(tmp_path / name) > 0, name
+  records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [r['epoch'] for r in records if r['split'] == 'test'] == [1, 2, 3]
+  assert os.listdir(tmp_path / 'tensorboard')
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, data_dir):
+  code, output = run_main(tmp_path / 'straight', data_dir)
+  assert code == 0, output
+  killed = run_main(tmp_path / 'killed', data_dir, '--config.checkpoint_every_steps=2', wait=False)
+  deadline = time.time() + 300
+  while not (tmp_path / 'killed' / 'checkpoints' / '4').is_dir():
+    assert killed.poll() is None, killed.communicate()[0]
+    assert time.time() < deadline, 'no checkpoint at step 4'
+    time.sleep(0.05)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  code, output = run_main(tmp_path / 'killed', data_dir, '--config.checkpoint_every_steps=2')
+  assert code == 0, output
+  assert 'resumed' in output
+  step_a, straight = final_params(tmp_path / 'straight')
+  step_b, resumed = final_params(tmp_path / 'killed')
+  assert step_a == step_b == 9
+  jax.tree.map(np.testing.assert_array_equal, straight['params'], resumed['params'])
+  jax.tree.map(np.testing.assert_array_equal, straight['batch_stats'], resumed['batch_stats'])
+  epochs = [json.loads(line)['epoch'] for line in open(tmp_path / 'killed' / 'metrics.jsonl')
+            if json.loads(line)['split'] == 'test']
+  assert epochs == [1, 2, 3]  # no duplicated or lost epochs after the restart
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+  config = tiny_config(data_dir, **{'optimizer.learning_rate': 1e30, 'optimizer.weight_decay': 0.0,
+                                    'num_epochs': 2, 'log_every_steps': 1})
+  with pytest.raises(train.NonFiniteLossError, match='non-finite at step'):
+    train.train_and_evaluate(config, str(tmp_path))
+  checkpoints = os.listdir(tmp_path / 'checkpoints') if (tmp_path / 'checkpoints').exists() else []
+  for step in checkpoints:  # whatever was saved before the failure holds finite parameters
+    arrays = checkpoint_lib.Checkpoints(str(tmp_path), read_only=True).restore_arrays(int(step))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(arrays['params']))
+
+
+def test_resuming_with_another_model_fails_naming_the_field(tmp_path, data_dir):
+  train.train_and_evaluate(tiny_config(data_dir, 'epochs=1'), str(tmp_path))
+  with pytest.raises(ValueError, match='config.model='):
+    train.train_and_evaluate(tiny_config(data_dir, 'epochs=2,layers=2'), str(tmp_path))
+
+
+def test_restoring_a_checkpoint_of_another_shape_names_the_parameters(tmp_path, data_dir):
+  train.train_and_evaluate(tiny_config(data_dir, 'epochs=1'), str(tmp_path / 'one_block'))
+  config = tiny_config(data_dir, 'epochs=1,layers=2', **{'init_from.workdir': str(tmp_path / 'one_block')})
+  with pytest.raises(ValueError, match='missing .*blocks?_1'):
+    train.train_and_evaluate(config, str(tmp_path / 'two_blocks'))
+
+
+def test_init_from_workdir_resets_only_the_classifier(tmp_path, data_dir):
+  train.train_and_evaluate(tiny_config(data_dir, 'epochs=1'), str(tmp_path / 'source'))
+  _, source = final_params(tmp_path / 'source')
+  config = tiny_config(data_dir, 'epochs=1', **{'init_from.workdir': str(tmp_path / 'source'),
+                                                'init_from.reset_classifier': True, 'optimizer.learning_rate': 0.0,
+                                                'optimizer.weight_decay': 0.0})
+  train.train_and_evaluate(config, str(tmp_path / 'target'))
+  _, target = final_params(tmp_path / 'target')
+  for name in source['params']:
+    same = jax.tree.all(jax.tree.map(np.array_equal, source['params'][name], target['params'][name]))
+    assert same == (name not in train.CLASSIFIER_NAMES), name
+
+
+def test_unknown_config_override_fails_naming_the_field(tmp_path, data_dir):
+  code, output = run_main(tmp_path, data_dir, '--config.optimizer.lr=0.1')
+  assert code != 0 and "'lr'" in output
+
+
+def test_evaluate_cli_reproduces_the_final_evaluation(tmp_path, data_dir):
+  result = train.train_and_evaluate(tiny_config(data_dir, 'epochs=1'), str(tmp_path))
+  from dferjax import evaluate
+  again = evaluate.evaluate_checkpoint(str(tmp_path), 'latest')
+  assert again['confusion'] == result['confusion']
+
+
+MULTI_DEVICE_SCRIPT = r'''
+import sys, numpy as np, jax, jax.numpy as jnp
+from dferjax import configlib, sharding, train
+config = configlib.load_config(sys.argv[1])
+model = train.build_model(config)
+tx = train.create_optimizer(config.optimizer, train.learning_rate_schedule(config.optimizer, 3, 3))
+rng = jax.random.key(0)
+steps = train.compile_steps(config, model, tx, sharding.make_mesh(), rng)
+state = steps.init(rng)
+accumulator = jax.device_put(train.init_train_accumulator(), steps.replicated)
+data = np.random.default_rng(0)
+for _ in range(3):
+  batch = {'video': data.integers(0, 256, size=train.video_shape(config, 4), dtype=np.uint8),
+           'label': data.integers(0, 7, size=4).astype(np.int32), 'mask': np.ones(4, bool)}
+  state, accumulator = steps.train(state, accumulator, sharding.to_global(batch, steps.batch_sharding))
+flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(
+    {'params': state.params, 'batch_stats': state.batch_stats})[0]}
+np.savez(sys.argv[2], devices=jax.device_count(), **flat)
+'''
+
+
+def test_one_and_two_devices_give_the_same_parameters(tmp_path):
+  results = []
+  for devices in (1, 2):
+    out = tmp_path / f'{devices}.npz'
+    env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'JAX_PLATFORMS': 'cpu'}
+    subprocess.run([sys.executable, '-c', MULTI_DEVICE_SCRIPT, TINY_CONFIG, str(out)], cwd=REPO, env=env, check=True)
+    results.append(dict(np.load(out)))
+  one, two = results
+  assert (int(one.pop('devices')), int(two.pop('devices'))) == (1, 2)
+  assert one.keys() == two.keys()
+  for key in one:
+    np.testing.assert_allclose(one[key], two[key], rtol=2e-4, atol=2e-5, err_msg=key)
