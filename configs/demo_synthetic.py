@@ -11,7 +11,7 @@ from dferjax import configlib
 
 
 def get_config(arg=None):
-  args = configlib.parse_arg(arg, epochs=12)
+  args = configlib.parse_arg(arg, epochs=30)
   config = configlib.base_config()
   config.model_name = 'stt'
   config.model = dict(num_frames=8, embed_dim=64, num_layers=2, num_heads=4, mlp_ratio=2.0,
@@ -19,7 +19,7 @@ def get_config(arg=None):
   config.dataset.name = 'dfew/fold1_px48'
   config.dataset.data_dir = 'data/tfds'
   config.dataset.synthetic.generate_if_missing = True
-  config.dataset.synthetic.clips_per_class = 60
+  config.dataset.synthetic.clips_per_class = 100
   config.input.num_segments = 4
   config.input.frames_per_segment = 2
   config.input.image_size = 48

@@ -14,6 +14,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and reports.')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
                                  'Call jax.distributed.initialize() first (multi-host GPU clusters, TPU pods).')
+_VERBOSE = flags.DEFINE_bool('verbose', False, "Show the libraries' INFO logs (Orbax logs every save step).")
 _COMPILATION_CACHE = flags.DEFINE_string(
     'compilation_cache', os.path.expanduser('~/.cache/dferjax/jax'),
     'Persistent XLA compilation cache, so a restarted run does not recompile; empty to disable.')
@@ -23,13 +24,17 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not _VERBOSE.value:
+    logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   if _COMPILATION_CACHE.value:
     jax.config.update('jax_compilation_cache_dir', _COMPILATION_CACHE.value)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(), jax.devices())
+  if jax.process_index() == 0:
+    print(f'JAX process {jax.process_index()}/{jax.process_count()}, {jax.device_count()} devices: '
+          f'{jax.devices()[0].device_kind} ...', flush=True)
   from dferjax import train  # pylint: disable=import-outside-toplevel
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import os
 import time
 from typing import Any, Callable
@@ -200,12 +199,22 @@ def data_sources(config):
 def ensure_synthetic_dataset(config):
   """Writes the synthetic DFEW-layout clips and builds the TFDS dataset the config names, if missing (demo)."""
   from dferjax.data import build, synthetic  # pylint: disable=import-outside-toplevel
-  synthetic_config = config.dataset.synthetic
-  manual_dir = synthetic_config.manual_dir or os.path.join(config.dataset.data_dir, 'manual', 'synthetic_dfew')
+  settings = config.dataset.synthetic
+  manual_dir = settings.manual_dir or os.path.join(config.dataset.data_dir, 'manual', 'synthetic_dfew')
+  wanted = {'clips_per_class': settings.clips_per_class, 'seed': settings.seed}
+  marker = os.path.join(manual_dir, 'synthetic.json')
   if jax.process_index() == 0:
-    if not os.path.isdir(os.path.join(manual_dir, 'EmoLabel_DataSplit')):
-      logging.info('writing the synthetic DFEW-layout dataset to %s', manual_dir)
-      synthetic.write_dfew(manual_dir, clips_per_class=synthetic_config.clips_per_class, seed=synthetic_config.seed)
+    if os.path.isfile(marker):
+      with open(marker) as f:
+        written = json.load(f)
+      if written != wanted:
+        raise ValueError(f'{manual_dir} holds a synthetic dataset written with {written}, but the config asks for '
+                         f'{wanted}: give another config.dataset.data_dir, or delete {config.dataset.data_dir}')
+    else:
+      print(f'writing the synthetic DFEW-layout dataset to {manual_dir}', flush=True)
+      synthetic.write_dfew(manual_dir, **wanted)
+      with open(marker, 'w') as f:
+        json.dump(wanted, f)
     builder_name, builder_config = config.dataset.name.split('/')
     build.build(builder_name, manual_dir=manual_dir, data_dir=config.dataset.data_dir, configs=[builder_config])
   if jax.process_count() > 1:
@@ -288,8 +297,9 @@ def state_from_workdir(config, state: TrainState) -> TrainState:
                                   what=f'config.init_from.workdir={config.init_from.workdir!r} step {step}')
   merged = {c: {**flax.core.unfreeze(wanted[c]), **saved[c]} for c in wanted}
   merged = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), merged, wanted)
-  logging.info('initialised from %s step %d%s', config.init_from.workdir, step,
-               ' (classifier reset)' if config.init_from.reset_classifier else '')
+  if jax.process_index() == 0:
+    print(f'initialised from {config.init_from.workdir} step {step}'
+          f'{" (classifier reset)" if config.init_from.reset_classifier else ""}', flush=True)
   return state.replace(params=merged['params'], batch_stats=merged['batch_stats'])
 
 
@@ -332,7 +342,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start_step is not None:
     check_resumable(config, checkpoints.saved_config(start_step), checkpoints.directory)
     state = checkpoints.restore(start_step, steps.abstract_state, train_iter)
-    logging.info('resumed from %s at step %d', checkpoints.directory, start_step)
+    if is_chief:
+      print(f'resumed from {checkpoints.directory} at step {start_step}', flush=True)
   else:
     state = initial_state(config, steps, rng)
     start_step = 0
@@ -343,6 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     json.dump(config_json, f, indent=2)
 
   accumulator = jax.device_put(init_train_accumulator(), steps.replicated)
+  epoch_totals = EpochTotals()
   last_eval: dict[str, Any] = {}
   step = start_step
   epoch_start_time, epoch_start_step = time.time(), step
@@ -358,7 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       end_of_epoch = step % steps_per_epoch == 0
       checkpoint_now = end_of_epoch or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
       if end_of_epoch or checkpoint_now or step % config.log_every_steps == 0:
-        train_metrics = _fetch_train_metrics(accumulator, step)
+        train_metrics = epoch_totals.add(_fetch_train_sums(accumulator, step))
         accumulator = jax.device_put(init_train_accumulator(), steps.replicated)
         train_metrics['learning_rate'] = float(tx_schedule_value(config, steps_per_epoch, step - 1))
         writer.write(step=step, epoch=step / steps_per_epoch, split='train', values=train_metrics)
@@ -373,12 +385,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         seconds = time.time() - epoch_start_time
         progress.close()
         if is_chief:
-          print(writers.epoch_summary_line(epoch, train_metrics, eval_metrics, seconds,
+          print(writers.epoch_summary_line(epoch, {**epoch_totals.means(), 'learning_rate': train_metrics['learning_rate']},
+                                           eval_metrics, seconds,
                                            clips_per_second=(step - epoch_start_step) * config.batch_size / seconds),
                 flush=True)
         checkpoints.save(step, state, train_iter, config_json,
                          metrics={k: eval_metrics[k] for k in ('uar', 'war')} if eval_metrics else None)
         epoch_start_time, epoch_start_step = time.time(), step
+        epoch_totals = EpochTotals()
         if step < total_steps:
           progress = writers.ProgressBar(total=steps_per_epoch, initial=0, batch_size=config.batch_size,
                                          description=f'epoch {epoch + 1}/{config.num_epochs}',
@@ -402,7 +416,7 @@ def tx_schedule_value(config, steps_per_epoch: int, step: int) -> float:
   return learning_rate_schedule(config.optimizer, steps_per_epoch, config.num_epochs)(step)
 
 
-def _fetch_train_metrics(accumulator: dict, step: int) -> dict[str, float]:
+def _fetch_train_sums(accumulator: dict, step: int) -> dict[str, float]:
   """The one host sync per logging interval; stops the run on a non-finite loss before anything is saved."""
   values = jax.device_get(accumulator)
   first_bad = int(values['first_nonfinite_step'])
@@ -411,8 +425,27 @@ def _fetch_train_metrics(accumulator: dict, step: int) -> dict[str, float]:
         f'the training loss became non-finite at step {first_bad + 1} (between the last log and step {step}); '
         'stopping without saving, so the last checkpoint stays the last good state. Lower '
         'config.optimizer.learning_rate, set config.optimizer.grad_clip_norm, or use config.dtype=float32.')
-  count = max(int(values['count']), 1)
-  return {'loss': float(values['loss_sum']) / count, 'accuracy': float(values['correct']) / count}
+  return {k: float(values[k]) for k in ('loss_sum', 'correct', 'count')}
+
+
+class EpochTotals:
+  """Host-side sums of the train metrics since the epoch began; `add` returns the interval's means."""
+
+  def __init__(self):
+    self.sums = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
+
+  def add(self, interval: dict[str, float]) -> dict[str, float]:
+    for key in self.sums:
+      self.sums[key] += interval[key]
+    return self._means(interval)
+
+  def means(self) -> dict[str, float]:
+    return self._means(self.sums)
+
+  @staticmethod
+  def _means(sums):
+    count = max(sums['count'], 1)
+    return {'loss': sums['loss_sum'] / count, 'accuracy': sums['correct'] / count}
 
 
 def write_final_reports(workdir: str, config, last_eval: dict, best_step: int | None):
