@@ -147,20 +147,11 @@ def test_evaluate_cli_reproduces_the_final_evaluation(tmp_path, data_dir):
 
 
 MULTI_DEVICE_SCRIPT = r'''
-import sys, numpy as np, jax, jax.numpy as jnp
-from dferjax import configlib, sharding, train
-config = configlib.load_config(sys.argv[1])
-model = train.build_model(config)
-tx = train.create_optimizer(config.optimizer, train.learning_rate_schedule(config.optimizer, 3, 3))
-rng = jax.random.key(0)
-steps = train.compile_steps(config, model, tx, sharding.make_mesh(), rng)
-state = steps.init(rng)
-accumulator = jax.device_put(train.init_train_accumulator(), steps.replicated)
-data = np.random.default_rng(0)
-for _ in range(3):
-  batch = {'video': data.integers(0, 256, size=train.video_shape(config, 4), dtype=np.uint8),
-           'label': data.integers(0, 7, size=4).astype(np.int32), 'mask': np.ones(4, bool)}
-  state, accumulator = steps.train(state, accumulator, sharding.to_global(batch, steps.batch_sharding))
+import sys, numpy as np, jax
+sys.path.insert(0, sys.argv[3])
+from dferjax import configlib
+from train_helpers import run_random_steps
+state, _ = run_random_steps(configlib.load_config(sys.argv[1]))
 flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(
     {'params': state.params, 'batch_stats': state.batch_stats})[0]}
 np.savez(sys.argv[2], devices=jax.device_count(), **flat)
@@ -172,7 +163,8 @@ def test_one_and_two_devices_give_the_same_parameters(tmp_path):
   for devices in (1, 2):
     out = tmp_path / f'{devices}.npz'
     env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'JAX_PLATFORMS': 'cpu'}
-    subprocess.run([sys.executable, '-c', MULTI_DEVICE_SCRIPT, TINY_CONFIG, str(out)], cwd=REPO, env=env, check=True)
+    subprocess.run([sys.executable, '-c', MULTI_DEVICE_SCRIPT, TINY_CONFIG, str(out), os.path.dirname(__file__)],
+                   cwd=REPO, env=env, check=True)
     results.append(dict(np.load(out)))
   one, two = results
   assert (int(one.pop('devices')), int(two.pop('devices'))) == (1, 2)
@@ -182,23 +174,14 @@ def test_one_and_two_devices_give_the_same_parameters(tmp_path):
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_optimizer_state():
+  from train_helpers import run_random_steps
   config = configlib.load_config(TINY_CONFIG)
   with config.unlocked():
     config.dtype = 'bfloat16'
-  model = train.build_model(config)
-  tx = train.create_optimizer(config.optimizer, train.learning_rate_schedule(config.optimizer, 3, 3))
-  from dferjax import sharding
-  rng = jax.random.key(0)
-  steps = train.compile_steps(config, model, tx, sharding.make_mesh(), rng)
-  state = steps.init(rng)
-  accumulator = jax.device_put(train.init_train_accumulator(), steps.replicated)
-  data = np.random.default_rng(0)
-  batch = {'video': data.integers(0, 256, size=train.video_shape(config, 4), dtype=np.uint8),
-           'label': data.integers(0, 7, size=4).astype(np.int32), 'mask': np.ones(4, bool)}
-  state, accumulator = steps.train(state, accumulator, sharding.to_global(batch, steps.batch_sharding))
+  state, accumulator = run_random_steps(config, num_steps=1)
   assert np.isfinite(float(accumulator['loss_sum']))
-  assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state)) if hasattr(x, 'dtype')
-          and jax.numpy.issubdtype(x.dtype, jax.numpy.floating)} == {np.dtype('float32')}
+  floating = [x for x in jax.tree.leaves((state.params, state.opt_state)) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
+  assert floating and {x.dtype for x in floating} == {np.dtype('float32')}
 
 
 def test_run_folds_collects_a_table_in_the_papers_layout(tmp_path, data_dir):
