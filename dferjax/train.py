@@ -95,7 +95,12 @@ def loss_function(loss: ml_collections.ConfigDict) -> Callable[[jax.Array, jax.A
 
 
 def build_model(config: ml_collections.ConfigDict):
-  return models.build(config.model_name, config.num_classes, **config.model.to_dict())
+  """The config's model, computing in `config.dtype` (parameters stay float32)."""
+  fields = config.model.to_dict()
+  if fields.get('dtype', config.dtype) != config.dtype:
+    raise ValueError(f'config.model.dtype={fields["dtype"]!r} disagrees with config.dtype={config.dtype!r}: '
+                     'set only config.dtype')
+  return models.build(config.model_name, config.num_classes, **{**fields, 'dtype': config.dtype})
 
 
 def video_shape(config: ml_collections.ConfigDict, batch_size: int) -> tuple[int, ...]:

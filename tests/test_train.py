@@ -178,6 +178,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_optimizer_state():
   config = configlib.load_config(TINY_CONFIG)
   with config.unlocked():
     config.dtype = 'bfloat16'
+  assert train.build_model(config).dtype == 'bfloat16'
   state, accumulator = run_random_steps(config, num_steps=1)
   assert np.isfinite(float(accumulator['loss_sum']))
   floating = [x for x in jax.tree.leaves((state.params, state.opt_state)) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]

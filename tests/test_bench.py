@@ -1,0 +1,135 @@
+"""scripts/bench_train.py end to end (tiny STT, a few steps, torch eager) and the helpers it shares.
+
+No speed assertions: the figures must exist, be positive, and come from the same weights in both frameworks.
+"""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dferjax import benchmarking, losses
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, 'scripts', 'bench_train.py')
+
+
+def load_bench_train():
+  spec = importlib.util.spec_from_file_location('bench_train', SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)  # defines no flags: they are defined only when run as a script
+  return module
+
+
+def positive(value) -> bool:
+  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_run_reports_every_figure_from_the_same_weights(tmp_path):
+  pytest.importorskip('torch')
+  out = tmp_path / 'bench.json'
+  # conftest's XLA_FLAGS (2 host devices) reach the dferjax worker: the sharded path is measured.
+  subprocess.run([sys.executable, SCRIPT, '--quick', '--batch_sizes=4', '--steps=2', '--warmup=1', '--window=1',
+                  '--torch=eager', f'--out={out}'], cwd=REPO, check=True, timeout=300)
+  report = json.loads(out.read_text())
+
+  assert report['machine']['cores_visible'] >= 1 and report['machine']['cpu_model']
+  assert {'python', 'jax', 'jaxlib', 'flax', 'optax', 'torch'} <= set(report['versions'])
+  assert report['device']['device_count'] == 2 and report['device']['platform'] == 'cpu'
+  assert not report['device']['jax_disable_most_optimizations']
+  assert report['settings']['model'] == 'tiny' and report['settings']['torch'] == ['eager']
+  assert report['max_batch']['float32'] == {'skipped': 'CPU (host memory)'}
+  # The flax init was copied into the torch model: eval logits agree.
+  assert report['torch']['eager']['logit_max_abs_difference'] < 1e-4
+  assert report['torch']['eager']['threads'] >= 1
+
+  [result] = report['results']
+  assert (result['dtype'], result['batch_size']) == ('float32', 4)
+  jax_train, jax_eval = result['dferjax']['train'], result['dferjax']['eval']
+  for key in ('clips_per_s', 'step_time_s', 'compile_s', 'flops_per_clip', 'flops_per_s', 'mean_loss'):
+    assert positive(jax_train[key]), key
+  assert len(jax_train['window_step_times_s']) == 2
+  assert jax_train['mfu'] is None and 'peak unknown' in jax_train['peak_source']
+  assert positive(jax_train['compiled_memory_bytes']['total'])
+  for key in ('clips_per_s', 'step_time_s', 'compile_s', 'flops_per_clip'):
+    assert positive(jax_eval[key]), key
+  # A train step costs about three forward passes.
+  assert 2 < jax_train['flops_per_clip'] / jax_eval['flops_per_clip'] < 4
+
+  torch_train, torch_eval = result['torch']['eager']['train'], result['torch']['eager']['eval']
+  for key in ('clips_per_s', 'step_time_s', 'first_step_s', 'matmul_conv_flops_per_clip', 'mean_loss'):
+    assert positive(torch_train[key]), key
+  assert positive(torch_eval['clips_per_s'])
+  for key in ('train_clips_per_s', 'train_step_time', 'eval_clips_per_s'):
+    assert positive(result['ratios']['eager'][key]), key
+  np.testing.assert_allclose(result['ratios']['eager']['train_clips_per_s'],
+                             jax_train['clips_per_s'] / torch_train['clips_per_s'])
+
+
+def test_torch_compact_loss_matches_dferjax():
+  torch = pytest.importorskip('torch')
+  bench_train = load_bench_train()
+  rng = np.random.default_rng(0)
+  logits, labels = rng.normal(size=(6, 7)) * 3, rng.integers(0, 7, size=6)
+  want = losses.compact_softmax_cross_entropy(np.float32(logits), labels, beta=0.2)
+  got = bench_train.torch_compact_loss(torch.tensor(logits), torch.tensor(labels), beta=0.2).numpy()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('device_kind, dtype, want', [
+    ('NVIDIA H100 80GB HBM3', 'bfloat16', 989e12), ('NVIDIA H100 PCIe', 'bfloat16', 756e12),
+    ('NVIDIA H100 80GB HBM3', 'float32', 495e12), ('NVIDIA H200', 'bfloat16', 989e12),
+    ('NVIDIA A100-SXM4-80GB', 'bfloat16', 312e12), ('TPU v4', 'bfloat16', 275e12),
+    ('TPU v5 lite', 'bfloat16', 197e12), ('TPU v5p', 'bfloat16', 459e12), ('cpu', 'bfloat16', None)])
+def test_peak_flops_by_device_kind(device_kind, dtype, want):
+  assert benchmarking.peak_flops(device_kind, dtype)[0] == want
+
+
+def test_largest_fitting_doubles_then_bisects():
+  calls = []
+
+  def fits(n):
+    calls.append(n)
+    return n <= 300
+
+  search = benchmarking.largest_fitting(fits, 32, multiple=8)
+  assert search['largest'] == 296 and not search['limit_reached']
+  assert calls[:5] == [32, 64, 128, 256, 512]  # doubling until the first failure, then bisection
+  assert benchmarking.largest_fitting(lambda n: n <= 20, 32, multiple=4)['largest'] == 20
+  assert benchmarking.largest_fitting(lambda n: False, 8, multiple=8)['largest'] == 0
+  assert benchmarking.largest_fitting(lambda n: True, 8, limit=100) == {
+      'largest': 64, 'limit_reached': True, 'tried': [(8, True), (16, True), (32, True), (64, True)]}
+
+
+def test_time_windows_syncs_once_per_window():
+  events = []
+  timing = benchmarking.time_windows(lambda: events.append('step'), lambda: events.append('sync'),
+                                     steps=7, warmup=2, window=3)
+  assert events == ['step'] * 2 + ['sync'] + (['step'] * 3 + ['sync']) * 2 + ['step', 'sync']
+  assert len(timing['window_step_times_s']) == 3 and timing['step_time_s'] >= 0
+
+
+def test_xla_flops_accepts_the_list_and_dict_forms():
+  class Compiled:
+    def __init__(self, analysis):
+      self.analysis = analysis
+
+    def cost_analysis(self):
+      return self.analysis
+
+  assert benchmarking.xla_flops(Compiled({'flops': 12.0})) == 12.0
+  assert benchmarking.xla_flops(Compiled([{'flops': 12.0}])) == 12.0
+  assert benchmarking.xla_flops(Compiled(None)) is None
+  assert benchmarking.xla_flops(Compiled([{'bytes accessed': 3.0}])) is None
+
+
+def test_write_json_and_table(tmp_path):
+  path = tmp_path / 'sub' / 'report.json'
+  benchmarking.write_json(str(path), {'a': np.float32(1.5), 'b': float('nan'), 'c': [np.int64(2)]})
+  assert json.loads(path.read_text()) == {'a': 1.5, 'b': None, 'c': [2]}
+  table = benchmarking.format_table([{'x': 1234.5, 'y': None}], [('X', 'x'), ('Y', 'y')])
+  assert table.splitlines()[2] == '| 1,234 | - |'
