@@ -308,11 +308,11 @@ def state_from_workdir(config, state: TrainState) -> TrainState:
   return state.replace(params=merged['params'], batch_stats=merged['batch_stats'])
 
 
-def check_resumable(config, saved_config: dict, directory: str):
+def check_resumable(config_json: dict, saved_config: dict, directory: str):
   """Refuses to resume a workdir written by another model: the config holds what the arrays cannot say."""
   for field in ('model_name', 'model', 'num_classes'):
     saved = saved_config.get(field)
-    current = checkpoint_lib.config_to_json(config)[field]
+    current = config_json[field]
     if saved != current:
       raise ValueError(f'{directory} holds a checkpoint with config.{field}={saved!r}, but this run has '
                        f'{current!r}: use another --workdir, or the same config to resume')
@@ -337,7 +337,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   local_batch_size = sharding.check_batch_size(config.batch_size)
 
   model = build_model(config)
-  tx = create_optimizer(config.optimizer, learning_rate_schedule(config.optimizer, steps_per_epoch, config.num_epochs))
+  schedule = learning_rate_schedule(config.optimizer, steps_per_epoch, config.num_epochs)
+  tx = create_optimizer(config.optimizer, schedule)
   steps = compile_steps(config, model, tx, mesh, rng)
 
   checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric)
@@ -345,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_iter = train_iterator(config, train_source, local_batch_size)
   start_step = checkpoints.latest_step()
   if start_step is not None:
-    check_resumable(config, checkpoints.saved_config(start_step), checkpoints.directory)
+    check_resumable(config_json, checkpoints.saved_config(start_step), checkpoints.directory)
     state = checkpoints.restore(start_step, steps.abstract_state, train_iter)
     if is_chief:
       print(f'resumed from {checkpoints.directory} at step {start_step}', flush=True)
@@ -363,9 +364,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last_eval: dict[str, Any] = {}
   step = start_step
   epoch_start_time, epoch_start_step = time.time(), step
-  progress = writers.ProgressBar(total=steps_per_epoch, initial=step % steps_per_epoch, batch_size=config.batch_size,
-                                 description=f'epoch {step // steps_per_epoch + 1}/{config.num_epochs}',
-                                 enabled=is_chief and config.progress_bar)
+
+  def progress_bar(step):
+    return writers.ProgressBar(total=steps_per_epoch, initial=step % steps_per_epoch, batch_size=config.batch_size,
+                               description=f'epoch {step // steps_per_epoch + 1}/{config.num_epochs}',
+                               enabled=is_chief and config.progress_bar)
+
+  progress = progress_bar(step)
   try:
     while step < total_steps:
       batch = sharding.to_global(next(train_iter), steps.batch_sharding)
@@ -377,7 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if end_of_epoch or checkpoint_now or step % config.log_every_steps == 0:
         train_metrics = epoch_totals.add(_fetch_train_sums(accumulator, step))
         accumulator = jax.device_put(init_train_accumulator(), steps.replicated)
-        train_metrics['learning_rate'] = float(tx_schedule_value(config, steps_per_epoch, step - 1))
+        train_metrics['learning_rate'] = float(schedule(step - 1))
         writer.write(step=step, epoch=step / steps_per_epoch, split='train', values=train_metrics)
         progress.set_postfix(loss=train_metrics['loss'])
       if end_of_epoch:
@@ -399,9 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         epoch_start_time, epoch_start_step = time.time(), step
         epoch_totals = EpochTotals()
         if step < total_steps:
-          progress = writers.ProgressBar(total=steps_per_epoch, initial=0, batch_size=config.batch_size,
-                                         description=f'epoch {epoch + 1}/{config.num_epochs}',
-                                         enabled=is_chief and config.progress_bar)
+          progress = progress_bar(step)
       elif checkpoint_now:
         checkpoints.save(step, state, train_iter, config_json)
   finally:
@@ -415,10 +418,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     write_final_reports(workdir, config, last_eval, best_step)
   writer.close()
   return last_eval
-
-
-def tx_schedule_value(config, steps_per_epoch: int, step: int) -> float:
-  return learning_rate_schedule(config.optimizer, steps_per_epoch, config.num_epochs)(step)
 
 
 def _fetch_train_sums(accumulator: dict, step: int) -> dict[str, float]:
