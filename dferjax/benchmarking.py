@@ -169,7 +169,17 @@ def jax_device_info() -> dict[str, Any]:
   devices = jax.devices()
   return {'platform': devices[0].platform, 'device_kind': devices[0].device_kind, 'device_count': len(devices),
           'process_count': jax.process_count(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-          'jax_disable_most_optimizations': bool(jax.config.read('jax_disable_most_optimizations'))}
+          'jax_disable_most_optimizations': bool(jax_option('jax_disable_most_optimizations')),
+          'compilation_cache_dir': jax_option('jax_compilation_cache_dir') or None}
+
+
+def jax_option(name: str):
+  """A jax config option's value, None where this jax has no such option (the accessors moved between versions)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  values = getattr(jax.config, 'values', None)
+  if isinstance(values, dict) and name in values:
+    return values[name]
+  return getattr(jax.config, name, None)
 
 
 def package_versions(names: Iterable[str] = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'torch')) -> dict[str, str]:

@@ -63,6 +63,10 @@ def define_flags():
   flags.DEFINE_bool('quick', False, 'Tiny STT, batch 8 and 16, float32, 12 steps, no batch search: minutes on a CPU.'
                     ' Flags given explicitly still win.')
   flags.DEFINE_integer('seed', 0, 'Seed of the initial weights and the batch.')
+  flags.DEFINE_string('profile_dir', '', 'dferjax: trace --window more train steps after timing each setting with '
+                      'jax.profiler into this folder (TensorBoard/XProf .xplane.pb); not part of the timed steps.')
+  flags.DEFINE_string('compilation_cache', '', "dferjax: jax's persistent compilation cache folder; a second run "
+                      'with the same shapes then loads its executables instead of compiling (compile_s shows it).')
   flags.DEFINE_string('out', '', 'Write the JSON report here.')
   flags.DEFINE_string('worker', '', "Internal: run one framework ('dferjax', 'eager', 'compile') in this process.")
   flags.DEFINE_string('worker_dir', '', 'Internal: folder with settings.json; the worker writes its results there.')
@@ -162,7 +166,7 @@ def jax_flops_only(config, batch_size: int, seed: int) -> dict:
   return figures
 
 
-def bench_jax(config, batch: dict, steps_flags: dict, seed: int) -> tuple[dict, dict]:
+def bench_jax(config, batch: dict, steps_flags: dict, seed: int, profile_dir: str = '') -> tuple[dict, dict]:
   """Times dferjax's jitted train and eval steps; returns (figures, initial host variables)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -188,6 +192,12 @@ def bench_jax(config, batch: dict, steps_flags: dict, seed: int) -> tuple[dict, 
 
   timing = throughput(benchmarking.time_windows(train_once, lambda: jax.block_until_ready(carry), **steps_flags),
                       batch_size)
+  if profile_dir:  # a few more steps under the profiler: an XSpace (.xplane.pb) per-kernel timeline
+    jax.block_until_ready(carry)
+    with jax.profiler.trace(profile_dir):
+      for _ in range(steps_flags['window']):
+        train_once()
+      jax.block_until_ready(carry)
   flops_per_clip = per_clip(benchmarking.xla_flops(compiled), device_count, batch_size)
   totals = jax.device_get(carry[1])
   figures = {'train': {
@@ -248,13 +258,34 @@ def largest_train_batch(config, start: int, settings: dict) -> dict:
                                       limit=settings['max_batch_limit'])
 
 
-def run_jax_worker(settings: dict, folder: str) -> dict:
+def summary_line(name: str, dtype: str, batch_size: int, figures: dict) -> str:
+  """One stderr line per measurement, so a run cut short still leaves its numbers in the log."""
+  if 'error' in figures:
+    return f'{name} {dtype} batch {batch_size}: {figures["error"]}'
+  train_figures, eval_figures = figures['train'], figures['eval']
+  mfu = train_figures.get('mfu')
+  return (f'{name} {dtype} batch {batch_size}: train {train_figures["clips_per_s"]:.1f} clips/s '
+          f'({train_figures["step_time_s"] * 1e3:.2f} ms/step), eval {eval_figures["clips_per_s"]:.1f} clips/s, '
+          f'compile {train_figures.get("compile_s") or 0:.1f} s' + (f', MFU {100 * mfu:.1f}%' if mfu else ''))
+
+
+def out_of_memory_figures(error: BaseException) -> dict:
+  return {'error': f'out of memory: {describe_error(error)}', 'out_of_memory': True}
+
+
+def run_jax_worker(settings: dict, folder: str, output: dict) -> dict:
+  """Fills `output` as it goes (worker_main writes it after every measurement)."""
+  import jax  # pylint: disable=import-outside-toplevel
   from dferjax import sharding  # pylint: disable=import-outside-toplevel
+  if settings.get('compilation_cache'):
+    jax.config.update('jax_compilation_cache_dir', settings['compilation_cache'])
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   device = benchmarking.jax_device_info()
   for batch_size in settings['batch_sizes']:
     sharding.check_batch_size(batch_size, 'batch_size (--batch_sizes)')
   steps_flags = {k: settings[k] for k in ('steps', 'warmup', 'window')}
   results, max_batch, saved = [], {}, False
+  output.update({'device': device, 'results': results, 'max_batch': max_batch})
   for dtype in settings['dtypes']:
     config = bench_config(settings['model'], dtype, settings['attention_impl'])
     for batch_size in settings['batch_sizes']:
@@ -262,15 +293,30 @@ def run_jax_worker(settings: dict, folder: str) -> dict:
       if settings['flops_only']:
         results.append({'dtype': dtype, 'batch_size': batch_size,
                         'figures': jax_flops_only(config, batch_size, settings['seed'])})
+        yield
         continue
       batch = host_batch(config, batch_size, settings['seed'])
-      figures, variables = bench_jax(config, batch, steps_flags, settings['seed'])
+      try:
+        profile_dir = (os.path.join(settings['profile_dir'], f'{dtype}_b{batch_size}')
+                       if settings['profile_dir'] else '')
+        figures, variables = bench_jax(config, batch, steps_flags, settings['seed'], profile_dir)
+      except Exception as error:  # pylint: disable=broad-except  # out of memory is a result; the rest is not
+        if not benchmarking.is_resource_exhausted(error):
+          raise
+        figures, variables = out_of_memory_figures(error), None
       results.append({'dtype': dtype, 'batch_size': batch_size, 'figures': figures})
+      print(summary_line('dferjax', dtype, batch_size, figures), file=sys.stderr, flush=True)
+      if variables is None:
+        gc.collect()
+        yield
+        continue
       if not saved:  # the initial weights do not depend on dtype or batch; float32 logits for the parity check
         save_variables(os.path.join(folder, 'variables.npz'), variables)
         np.save(os.path.join(folder, 'reference_logits.npy'), reference_logits(settings, variables, batch))
+        np.save(os.path.join(folder, 'reference_batch.npy'), batch['video'][:2])
         saved = True
       gc.collect()
+      yield
     if device['platform'] == 'cpu':
       max_batch[dtype] = {'skipped': 'CPU (host memory)'}
     elif settings['flops_only'] or not settings['max_batch']:
@@ -278,7 +324,7 @@ def run_jax_worker(settings: dict, folder: str) -> dict:
     else:
       print(f'dferjax {dtype}: largest batch search', file=sys.stderr, flush=True)
       max_batch[dtype] = largest_train_batch(config, max(settings['batch_sizes']), settings)
-  return {'device': device, 'results': results, 'max_batch': max_batch}
+      yield
 
 
 def reference_logits(settings: dict, variables: dict, batch: dict) -> np.ndarray:
@@ -364,10 +410,10 @@ class TorchBench:
       model.to(memory_format=self.torch.channels_last)
     return model
 
-  def logit_difference(self, config, batch: dict, want: np.ndarray) -> float:
+  def logit_difference(self, config, clips: np.ndarray, want: np.ndarray) -> float:
     model = self.model(config).eval()
     with self.torch.inference_mode():
-      video = torch_input(self.torch.from_numpy(batch['video'][:2]).to(self.device), self.channels_last)
+      video = torch_input(self.torch.from_numpy(clips).to(self.device), self.channels_last)
       got = model(video).float().cpu().numpy()
     return float(np.abs(got - want).max())
 
@@ -455,11 +501,14 @@ class TorchBench:
     return figures
 
 
-def run_torch_worker(settings: dict, folder: str, mode: str) -> dict:
+def run_torch_worker(settings: dict, folder: str, mode: str, output: dict):
+  """Fills `output` as it goes (worker_main writes it after every measurement)."""
   import torch  # pylint: disable=import-outside-toplevel
   variables = load_variables(os.path.join(folder, 'variables.npz'))
   bench = TorchBench(settings, variables, mode)
   info = {'device': str(bench.device), 'channels_last': bench.channels_last}
+  results = []
+  output.update({'info': info, 'results': results})
   if bench.device.type == 'cpu':
     torch.set_num_threads(settings['torch_threads'] or benchmarking.machine_info()['cores_visible'])
     info['threads'] = torch.get_num_threads()
@@ -469,37 +518,46 @@ def run_torch_worker(settings: dict, folder: str, mode: str) -> dict:
     torch.backends.cudnn.allow_tf32 = True
     info['device_name'] = torch.cuda.get_device_name()
   steps_flags = {k: settings[k] for k in ('steps', 'warmup', 'window')}
-  results = []
+  info['logit_max_abs_difference'] = bench.logit_difference(
+      bench_config(settings['model'], 'float32'), np.load(os.path.join(folder, 'reference_batch.npy')),
+      np.load(os.path.join(folder, 'reference_logits.npy')))
   for dtype in settings['dtypes']:
     config = bench_config(settings['model'], dtype)
     for batch_size in settings['batch_sizes']:
       print(f'torch {mode} {dtype} batch {batch_size}', file=sys.stderr, flush=True)
       batch = host_batch(config, batch_size, settings['seed'])
-      if 'logit_max_abs_difference' not in info:
-        want = np.load(os.path.join(folder, 'reference_logits.npy'))
-        info['logit_max_abs_difference'] = bench.logit_difference(bench_config(settings['model'], 'float32'),
-                                                                  batch, want)
-      if mode == 'compile':
-        try:
-          figures = bench.run(config, batch, steps_flags)
-        except Exception as error:  # pylint: disable=broad-except  # reported: e.g. no C++ compiler on the host
-          figures = {'error': describe_error(error)}
-      else:
+      try:
         figures = bench.run(config, batch, steps_flags)
+      except Exception as error:  # pylint: disable=broad-except
+        if benchmarking.is_resource_exhausted(error):
+          figures = out_of_memory_figures(error)
+          torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        elif mode == 'compile':  # reported, not fatal: e.g. no C++ compiler on the host
+          figures = {'error': describe_error(error)}
+        else:
+          raise
       results.append({'dtype': dtype, 'batch_size': batch_size, 'figures': figures})
-  return {'info': info, 'results': results}
+      print(summary_line(f'torch {mode}', dtype, batch_size, figures), file=sys.stderr, flush=True)
+      yield
 
 
 def worker_main(name: str, folder: str):
+  """Runs one framework, rewriting its JSON after every measurement: a worker that is killed or crashes
+  part-way still leaves what it measured."""
   with open(os.path.join(folder, 'settings.json')) as f:
     settings = json.load(f)
+  output = {'complete': False}
   if name == 'dferjax':
-    output = run_jax_worker(settings, folder)
+    progress = run_jax_worker(settings, folder, output)
   elif name in TORCH_MODES:
-    output = run_torch_worker(settings, folder, name)
+    progress = run_torch_worker(settings, folder, name, output)
   else:
     raise ValueError(f"--worker={name!r}: expected 'dferjax' or one of {TORCH_MODES}")
-  benchmarking.write_json(os.path.join(folder, f'{name}.json'), output)
+  path = os.path.join(folder, f'{name}.json')
+  for _ in progress:
+    benchmarking.write_json(path, output)
+  output['complete'] = True
+  benchmarking.write_json(path, output)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -513,13 +571,19 @@ def run_worker(name: str, folder: str, required: bool) -> dict:
   command = [sys.executable, os.path.abspath(__file__), f'--worker={name}', f'--worker_dir={folder}']
   process = subprocess.run(command, env=env, check=False)
   path = os.path.join(folder, f'{name}.json')
-  if process.returncode != 0 or not os.path.exists(path):
-    message = f'the {name} worker exited with code {process.returncode} (its stderr is above)'
-    if required:
-      raise RuntimeError(message)
-    return {'error': message}
-  with open(path) as f:
-    return json.load(f)
+  output = None
+  if os.path.exists(path):
+    with open(path) as f:
+      output = json.load(f)
+  if process.returncode == 0 and output is not None:
+    return output
+  message = f'the {name} worker exited with code {process.returncode} (its stderr is above)'
+  if output is not None and output.get('results'):  # what it measured before it stopped
+    output['error'] = message
+    return output
+  if required:
+    raise RuntimeError(message)
+  return {'error': message}
 
 
 def ratio(numerator, denominator):
@@ -528,7 +592,7 @@ def ratio(numerator, denominator):
 
 def ratios(jax_figures: dict, torch_figures: dict) -> dict:
   """dferjax / PyTorch for each figure: > 1 is dferjax faster for clips/s, < 1 for times and memory."""
-  if 'error' in torch_figures:
+  if 'error' in torch_figures or 'error' in jax_figures:
     return {}
   pairs = {'train_clips_per_s': ('train', 'clips_per_s'), 'train_step_time': ('train', 'step_time_s'),
            'train_compile_s': ('train', 'compile_s'), 'train_peak_bytes': ('train', 'peak_bytes_in_use'),
@@ -538,11 +602,12 @@ def ratios(jax_figures: dict, torch_figures: dict) -> dict:
 
 def join_results(jax_output: dict, torch_outputs: dict) -> list[dict]:
   results = []
-  for index, jax_result in enumerate(jax_output['results']):
-    result = {'dtype': jax_result['dtype'], 'batch_size': jax_result['batch_size'],
-              'dferjax': jax_result['figures'], 'torch': {}, 'ratios': {}}
+  for jax_result in jax_output['results']:
+    key = (jax_result['dtype'], jax_result['batch_size'])
+    result = {'dtype': key[0], 'batch_size': key[1], 'dferjax': jax_result['figures'], 'torch': {}, 'ratios': {}}
     for mode, output in torch_outputs.items():
-      figures = output['results'][index]['figures'] if 'results' in output else {'error': output['error']}
+      measured = {(r['dtype'], r['batch_size']): r['figures'] for r in output.get('results', [])}
+      figures = measured.get(key, {'error': output.get('error', 'not measured')})
       result['torch'][mode] = figures
       result['ratios'][mode] = ratios(jax_result['figures'], figures)
     results.append(result)
@@ -556,6 +621,10 @@ def scaled(value, factor):
 def table_rows(results: list[dict], torch_modes: list[str]) -> list[dict]:
   rows = []
   for result in results:
+    if 'error' in result['dferjax']:
+      rows.append({'dtype': result['dtype'], 'batch': result['batch_size'],
+                   'clips/s': 'OOM' if result['dferjax'].get('out_of_memory') else 'failed'})
+      continue
     jax_train, jax_eval = result['dferjax']['train'], result['dferjax']['eval']
     row = {'dtype': result['dtype'], 'batch': result['batch_size'], 'clips/s': jax_train.get('clips_per_s'),
            'step ms': scaled(jax_train.get('step_time_s'), 1e3), 'compile s': jax_train['compile_s'],
@@ -565,7 +634,7 @@ def table_rows(results: list[dict], torch_modes: list[str]) -> list[dict]:
     for mode in torch_modes:
       torch_figures = result['torch'][mode]
       if 'error' in torch_figures:
-        row[f'{mode} clips/s'] = 'failed'
+        row[f'{mode} clips/s'] = 'OOM' if torch_figures.get('out_of_memory') else 'failed'
         continue
       row[f'{mode} clips/s'] = torch_figures['train']['clips_per_s']
       row[f'x {mode}'] = result['ratios'][mode]['train_clips_per_s']
@@ -616,7 +685,9 @@ def resolve_settings() -> dict:
           'channels_last': FLAGS.channels_last, 'attention_impl': FLAGS.attention_impl,
           'max_batch': FLAGS.max_batch, 'max_batch_limit': FLAGS.max_batch_limit,
           'max_batch_resolution': FLAGS.max_batch_resolution, 'flops_only': FLAGS.flops_only, 'quick': FLAGS.quick,
-          'seed': FLAGS.seed}
+          'seed': FLAGS.seed, 'profile_dir': os.path.abspath(FLAGS.profile_dir) if FLAGS.profile_dir else '',
+          'compilation_cache': os.path.abspath(FLAGS.compilation_cache)
+                                                   if FLAGS.compilation_cache else ''}
 
 
 def main(argv):
@@ -637,8 +708,13 @@ def main(argv):
            'FLOPs: XLA cost analysis of the compiled step per clip (train: forward, backward, SGD update); '
            'torch matmul_conv_flops_per_clip counts matmuls/convs only (torch.utils.flop_counter).',
            'Each framework ran in its own process, one after the other.',
-           'dferjax compiles cold (no persistent compilation cache); torch.compile may reuse inductor\'s on-disk '
-           'cache from an earlier run, so its compile_s can be a warm figure.']
+           (f'dferjax used the persistent compilation cache {settings["compilation_cache"]}: compile_s is a warm '
+            'figure where an earlier run compiled the same step.' if settings['compilation_cache'] else
+            'dferjax compiles cold (no persistent compilation cache).') +
+           ' torch.compile may reuse inductor\'s on-disk cache from an earlier run, so its compile_s can be warm.']
+  for name, output in {'dferjax': jax_output, **torch_outputs}.items():
+    if output.get('error') and output.get('results'):
+      notes.append(f'{name}: {output["error"]}; the figures it measured before are kept.')
   if jax_output['device']['jax_disable_most_optimizations']:
     notes.append('WARNING: jax_disable_most_optimizations is set: dferjax numbers are not representative.')
   torch_info = {mode: output.get('info', {'error': output.get('error')}) for mode, output in torch_outputs.items()}
