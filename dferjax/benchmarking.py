@@ -47,13 +47,18 @@ def peak_flops(device_kind: str, dtype: str) -> tuple[float | None, str | None]:
   return None, None
 
 
-def xla_flops(compiled) -> float | None:
-  """FLOPs of one call of a compiled XLA executable, per device (an SPMD program is one device's share).
+def xla_flops(stage) -> float | None:
+  """FLOPs of one call of a lowered (or compiled) XLA program: a lowered one is the global program, a compiled
+  one after SPMD partitioning is one device's share.
 
-  `Compiled.cost_analysis()` returned a list with one dict per program in older jax, a dict in newer ones,
-  and may be None or lack 'flops' on some backends.
+  Pass the `Lowered` stage: its cost analysis runs on the HLO before the backend rewrites it (on CPU; jax on
+  GPU returns none for a lowered program, so bench_train.py lowers for CPU in a separate worker). After GPU
+  compilation convolutions are cuDNN custom calls whose FLOPs XLA does not count (the paper STT's train step
+  reads 2.5 instead of 103 GFLOP per clip on an H200), so a compiled executable's count is only right on CPU/TPU.
+  `cost_analysis()` returned a list with one dict per program in older jax, a dict in newer ones, and may be
+  None or lack 'flops' on some backends.
   """
-  analysis = compiled.cost_analysis()
+  analysis = stage.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
   if not analysis or 'flops' not in analysis:

@@ -7,7 +7,7 @@ optimizer and precision policy, same machine and run, so every figure is also a 
     python scripts/bench_train.py --model paper --batch_sizes 4 --flops_only   # FLOPs/clip, compile only (any host)
 
 dferjax: the real `dferjax.train.compile_steps` steps (mesh, shardings, donation), compiled ahead of time so the
-compile time, XLA's FLOP count (cost analysis) and memory analysis come from the executable that is timed.
+compile time and memory analysis come from the executable that is timed, and the FLOP count from XLA's cost analysis of the same step lowered (before GPU rewrites hide convolutions in cuDNN calls).
 PyTorch: `dferjax.reference.torch_stt` with the flax init copied in (`load_flax_variables`), SGD(momentum 0.9,
 weight_decay 1e-4) = optax add_decayed_weights + sgd, STT's compact loss, bf16 as AMP autocast, channels_last,
 eager and `torch.compile`. Timing: `--steps` steps in windows of `--window`, one device sync per window, median per-step
@@ -55,6 +55,8 @@ def define_flags():
   flags.DEFINE_bool('channels_last', True, 'PyTorch convs in channels_last memory (NHWC, as XLA): faster for torch '
                     'eager on CPU too (tiny STT +15-20%, paper STT +17%, 2 cores).')
   flags.DEFINE_enum('attention_impl', 'xla', ['xla', 'cudnn'], "STT attention ('cudnn': flash attention, GPU bf16).")
+  flags.DEFINE_enum('max_pool_impl', 'reduce_window', ['reduce_window', 'slices'],
+                    "dferjax's stem max-pool (dferjax.models.resnet.max_pool_3x3_stride_2).")
   flags.DEFINE_bool('max_batch', True,
                     'On an accelerator, search the largest dferjax train batch that fits, per dtype.')
   flags.DEFINE_integer('max_batch_limit', 4096, 'Largest batch the search tries.')
@@ -78,11 +80,11 @@ TINY_MODEL = dict(num_frames=4, embed_dim=32, num_layers=1, num_heads=2, mlp_rat
 TINY_INPUT = dict(num_segments=2, frames_per_segment=2, image_size=32)
 QUICK = dict(model='tiny', batch_sizes=['8', '16'], dtypes=['float32'], steps=12, warmup=2, window=3,
              max_batch=False)
-JAX_ONLY_FIELDS = ('dtype', 'param_dtype', 'attention_impl')
+JAX_ONLY_FIELDS = ('dtype', 'param_dtype', 'attention_impl', 'max_pool_impl')
 TORCH_MODES = ('eager', 'compile')
 
 
-def bench_config(model: str, dtype: str, attention_impl: str = 'xla'):
+def bench_config(model: str, dtype: str, attention_impl: str = 'xla', max_pool_impl: str = 'reduce_window'):
   """configs/stt_dfew.py (or the tiny sizes) computing in `dtype` (train.build_model passes it to the model)."""
   config = configlib.load_config(os.path.join(REPO, 'configs', 'stt_dfew.py'))
   with config.unlocked():
@@ -90,6 +92,7 @@ def bench_config(model: str, dtype: str, attention_impl: str = 'xla'):
       config.model = dict(TINY_MODEL)
       config.input.update(TINY_INPUT)
     config.model.attention_impl = attention_impl
+    config.model.max_pool_impl = max_pool_impl
     config.dtype = dtype
   return config
 
@@ -139,29 +142,46 @@ def flop_figures(flops_per_clip, clips_per_s, dtype: str, device_kind: str, devi
   return figures
 
 
-def per_clip(flops, device_count: int, batch_size: int):
-  return flops * device_count / batch_size if flops else None  # an SPMD program is one device's share
+def per_clip(flops, batch_size: int):
+  return flops / batch_size if flops else None  # a lowered program is the global one (before SPMD partitioning)
 
 
-def jax_flops_only(config, batch_size: int, seed: int) -> dict:
-  """Compiles the train and eval steps on abstract inputs (no arrays, any host) for FLOPs and memory."""
+def abstract_step_inputs(config, batch_size: int, steps) -> dict:
+  """The train and eval steps' arguments as shapes with shardings: lowering needs no arrays."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from dferjax import train  # pylint: disable=import-outside-toplevel
-  _, steps, _ = build_jax_steps(config, seed)
   batch = {'video': jax.ShapeDtypeStruct(video_shape(config, batch_size), jnp.uint8, sharding=steps.batch_sharding),
            'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=steps.batch_sharding),
            'mask': jax.ShapeDtypeStruct((batch_size,), jnp.bool_, sharding=steps.batch_sharding)}
   accumulator = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=steps.replicated),
                              jax.eval_shape(train.init_train_accumulator))
   confusion = jax.ShapeDtypeStruct((config.num_classes,) * 2, jnp.int32, sharding=steps.replicated)
+  return {'train': (steps.train, (steps.abstract_state, accumulator, batch)),
+          'eval': (steps.eval, (steps.abstract_state, confusion, batch))}
+
+
+def lowered_flops(config, batch_size: int, seed: int) -> dict:
+  """FLOPs per clip of the train and eval steps from the lowered HLO (no compile). Run on the CPU backend
+  (the 'flops' worker): jax on GPU returns no cost analysis for a lowered program, and a GPU-compiled one
+  leaves cuDNN convolutions uncounted."""
+  import jax  # pylint: disable=import-outside-toplevel
+  _, steps, _ = build_jax_steps(config, seed)
+  return {part: per_clip(benchmarking.xla_flops(jitted.lower(*args)), batch_size)
+          for part, (jitted, args) in abstract_step_inputs(config, batch_size, steps).items()}
+
+
+def jax_flops_only(config, batch_size: int, seed: int) -> dict:
+  """Compiles the train and eval steps on abstract inputs (no arrays, any host) for FLOPs and memory."""
+  import jax  # pylint: disable=import-outside-toplevel
+  _, steps, _ = build_jax_steps(config, seed)
   figures = {}
-  for part, jitted, args in (('train', steps.train, (steps.abstract_state, accumulator, batch)),
-                             ('eval', steps.eval, (steps.abstract_state, confusion, batch))):
+  for part, (jitted, args) in abstract_step_inputs(config, batch_size, steps).items():
     start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    lowered = jitted.lower(*args)
+    compiled = lowered.compile()
     figures[part] = {'compile_s': time.perf_counter() - start,
-                     'flops_per_clip': per_clip(benchmarking.xla_flops(compiled), jax.device_count(), batch_size),
+                     'flops_per_clip': per_clip(benchmarking.xla_flops(lowered), batch_size),
                      'compiled_memory_bytes': benchmarking.compiled_memory_bytes(compiled)}
   return figures
 
@@ -198,7 +218,7 @@ def bench_jax(config, batch: dict, steps_flags: dict, seed: int, profile_dir: st
       for _ in range(steps_flags['window']):
         train_once()
       jax.block_until_ready(carry)
-  flops_per_clip = per_clip(benchmarking.xla_flops(compiled), device_count, batch_size)
+  flops_per_clip = per_clip(benchmarking.xla_flops(lowered), batch_size)
   totals = jax.device_get(carry[1])
   figures = {'train': {
       **timing, 'lower_s': lower_s, 'compile_s': compile_s, 'flops_per_clip': flops_per_clip,
@@ -210,7 +230,8 @@ def bench_jax(config, batch: dict, steps_flags: dict, seed: int, profile_dir: st
   state = carry[0]
   confusion = [jax.device_put(jnp.zeros((config.num_classes,) * 2, jnp.int32), steps.replicated)]
   start = time.perf_counter()
-  compiled_eval = steps.eval.lower(state, confusion[0], device_batch).compile()
+  lowered_eval = steps.eval.lower(state, confusion[0], device_batch)
+  compiled_eval = lowered_eval.compile()
   eval_compile_s = time.perf_counter() - start
 
   def eval_once():
@@ -219,7 +240,7 @@ def bench_jax(config, batch: dict, steps_flags: dict, seed: int, profile_dir: st
   eval_timing = throughput(benchmarking.time_windows(eval_once, lambda: jax.block_until_ready(confusion),
                                                      **steps_flags), batch_size)
   figures['eval'] = {**eval_timing, 'compile_s': eval_compile_s,
-                     'flops_per_clip': per_clip(benchmarking.xla_flops(compiled_eval), device_count, batch_size)}
+                     'flops_per_clip': per_clip(benchmarking.xla_flops(lowered_eval), batch_size)}
   return figures, variables
 
 
@@ -287,7 +308,7 @@ def run_jax_worker(settings: dict, folder: str, output: dict) -> dict:
   results, max_batch, saved = [], {}, False
   output.update({'device': device, 'results': results, 'max_batch': max_batch})
   for dtype in settings['dtypes']:
-    config = bench_config(settings['model'], dtype, settings['attention_impl'])
+    config = bench_config(settings['model'], dtype, settings['attention_impl'], settings['max_pool_impl'])
     for batch_size in settings['batch_sizes']:
       print(f'dferjax {dtype} batch {batch_size}', file=sys.stderr, flush=True)
       if settings['flops_only']:
@@ -541,6 +562,34 @@ def run_torch_worker(settings: dict, folder: str, mode: str, output: dict):
       yield
 
 
+def run_flops_worker(settings: dict, output: dict):
+  """FLOPs per clip of every (dtype, batch) from the CPU backend's lowering (see lowered_flops)."""
+  results = output.setdefault('results', [])
+  for dtype in settings['dtypes']:
+    config = bench_config(settings['model'], dtype, 'xla', settings['max_pool_impl'])  # cuDNN attention is GPU-only
+    for batch_size in settings['batch_sizes']:
+      results.append({'dtype': dtype, 'batch_size': batch_size,
+                      'flops_per_clip': lowered_flops(config, batch_size, settings['seed'])})
+      yield
+
+
+def add_cpu_flops(jax_output: dict, flops_output: dict):
+  """Fills the FLOPs (and so MFU) the accelerator's cost analysis left out with the CPU lowering's count."""
+  counted = {(r['dtype'], r['batch_size']): r['flops_per_clip'] for r in flops_output.get('results', [])}
+  device = jax_output['device']
+  for result in jax_output['results']:
+    figures, key = result['figures'], (result['dtype'], result['batch_size'])
+    if 'error' in figures or key not in counted:
+      continue
+    for part in ('train', 'eval'):
+      if figures[part].get('flops_per_clip') is None and counted[key][part]:
+        figures[part]['flops_per_clip'] = counted[key][part]
+        figures[part]['flops_source'] = 'XLA cost analysis of the step lowered for CPU'
+    train_figures = figures['train']
+    train_figures.update(flop_figures(train_figures['flops_per_clip'], train_figures['clips_per_s'], result['dtype'],
+                                      device['device_kind'], device['device_count']))
+
+
 def worker_main(name: str, folder: str):
   """Runs one framework, rewriting its JSON after every measurement: a worker that is killed or crashes
   part-way still leaves what it measured."""
@@ -549,10 +598,12 @@ def worker_main(name: str, folder: str):
   output = {'complete': False}
   if name == 'dferjax':
     progress = run_jax_worker(settings, folder, output)
+  elif name == 'flops':
+    progress = run_flops_worker(settings, output)
   elif name in TORCH_MODES:
     progress = run_torch_worker(settings, folder, name, output)
   else:
-    raise ValueError(f"--worker={name!r}: expected 'dferjax' or one of {TORCH_MODES}")
+    raise ValueError(f"--worker={name!r}: expected 'dferjax', 'flops' or one of {TORCH_MODES}")
   path = os.path.join(folder, f'{name}.json')
   for _ in progress:
     benchmarking.write_json(path, output)
@@ -567,7 +618,7 @@ def worker_main(name: str, folder: str):
 def run_worker(name: str, folder: str, required: bool) -> dict:
   env = dict(os.environ)
   if name != 'dferjax':
-    env['JAX_PLATFORMS'] = 'cpu'  # a torch worker imports dferjax: keep XLA off the accelerator
+    env['JAX_PLATFORMS'] = 'cpu'  # torch and flops workers: keep XLA off the accelerator
   command = [sys.executable, os.path.abspath(__file__), f'--worker={name}', f'--worker_dir={folder}']
   process = subprocess.run(command, env=env, check=False)
   path = os.path.join(folder, f'{name}.json')
@@ -683,6 +734,7 @@ def resolve_settings() -> dict:
           'steps': FLAGS.steps, 'warmup': FLAGS.warmup, 'window': FLAGS.window, 'torch': torch_modes,
           'torch_compile_mode': FLAGS.torch_compile_mode, 'torch_threads': FLAGS.torch_threads,
           'channels_last': FLAGS.channels_last, 'attention_impl': FLAGS.attention_impl,
+          'max_pool_impl': FLAGS.max_pool_impl,
           'max_batch': FLAGS.max_batch, 'max_batch_limit': FLAGS.max_batch_limit,
           'max_batch_resolution': FLAGS.max_batch_resolution, 'flops_only': FLAGS.flops_only, 'quick': FLAGS.quick,
           'seed': FLAGS.seed, 'profile_dir': os.path.abspath(FLAGS.profile_dir) if FLAGS.profile_dir else '',
@@ -702,10 +754,15 @@ def main(argv):
   with tempfile.TemporaryDirectory(prefix='bench_train_') as folder:
     benchmarking.write_json(os.path.join(folder, 'settings.json'), settings)
     jax_output = run_worker('dferjax', folder, required=True)
+    if not settings['flops_only'] and any(
+        'error' not in r['figures'] and r['figures']['train'].get('flops_per_clip') is None
+        for r in jax_output['results']):
+      add_cpu_flops(jax_output, run_worker('flops', folder, required=False))
     torch_outputs = {mode: run_worker(mode, folder, required=mode == 'eager') for mode in settings['torch']}
 
   notes = ['One uint8 batch reused every step: device compute only, no input pipeline.',
-           'FLOPs: XLA cost analysis of the compiled step per clip (train: forward, backward, SGD update); '
+           'FLOPs: XLA cost analysis of the lowered (pre-optimisation) step per clip, the same on every backend '
+           '(train: forward, backward, SGD update); '
            'torch matmul_conv_flops_per_clip counts matmuls/convs only (torch.utils.flop_counter).',
            'Each framework ran in its own process, one after the other.',
            (f'dferjax used the persistent compilation cache {settings["compilation_cache"]}: compile_s is a warm '

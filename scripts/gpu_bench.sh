@@ -14,7 +14,8 @@
 #   profile       bf16 batch 128 under jax.profiler (warm from the cache): $OUT/profile.trace.json.gz and
 #                 .xplane.pb, per-kernel device time (scripts/profile_summary.py reads the first)
 #   bf16_cudnn    bf16 batch 128 with cuDNN flash attention (attention_impl=cudnn), dferjax only
-# All stages together stop after $BUDGET seconds (default 560): a late stage gets what is left, or is skipped.
+#   pool_reduce_window, pool_slices (only when named in STAGES): the stem max-pool's two implementations
+# STAGES="..." picks stages (default: the first five, in this order). All stages together stop after $BUDGET seconds (default 560): a late stage gets what is left, or is skipped.
 # A host without the project's dependencies (a bare GPU image) may carry them as wheels in .whl/ (grain,
 # ml_collections, ...; .whl/fallback/ holds flax/optax/orbax used only if the host's own fail to import).
 set -u
@@ -65,17 +66,26 @@ stage() {  # stage NAME LIMIT_S ARGS...: one bench_train.py run, its JSON at $OU
   echo "== $name: exit $? at $(date -u +%T)" | tee -a "$LOG"
 }
 
-stage bf16_b128 240 --dtypes=bfloat16 --batch_sizes=128 --torch=eager,compile --nomax_batch
-stage bf16_eager 170 --dtypes=bfloat16 --batch_sizes=32,128,256 --torch=eager --nomax_batch
-rm -rf /tmp/dferjax_profile
-stage profile 60 --dtypes=bfloat16 --batch_sizes=128 --torch=none --nomax_batch --steps=5 --warmup=2 --window=5 \
-  --profile_dir=/tmp/dferjax_profile
-for suffix in trace.json.gz xplane.pb; do
-  found=$(find /tmp/dferjax_profile -name "*.$suffix" 2>/dev/null | head -1)
-  [ -n "$found" ] && cp "$found" "$OUT/profile.$suffix"
-done
-stage fp32_eager 140 --dtypes=float32 --batch_sizes=32,128 --torch=eager --nomax_batch
-stage bf16_cudnn 70 --dtypes=bfloat16 --batch_sizes=128 --torch=none --attention_impl=cudnn --nomax_batch
+run_stage() {
+  case $1 in
+    bf16_b128) stage bf16_b128 240 --dtypes=bfloat16 --batch_sizes=128 --torch=eager,compile --nomax_batch ;;
+    bf16_eager) stage bf16_eager 170 --dtypes=bfloat16 --batch_sizes=32,128,256 --torch=eager --nomax_batch ;;
+    profile)
+      rm -rf /tmp/dferjax_profile
+      stage profile 60 --dtypes=bfloat16 --batch_sizes=128 --torch=none --nomax_batch --steps=5 --warmup=2 \
+        --window=5 --profile_dir=/tmp/dferjax_profile
+      for suffix in trace.json.gz xplane.pb; do
+        found=$(find /tmp/dferjax_profile -name "*.$suffix" 2>/dev/null | head -1)
+        [ -n "$found" ] && cp "$found" "$OUT/profile.$suffix"
+      done ;;
+    fp32_eager) stage fp32_eager 140 --dtypes=float32 --batch_sizes=32,128 --torch=eager --nomax_batch ;;
+    bf16_cudnn) stage bf16_cudnn 70 --dtypes=bfloat16 --batch_sizes=128 --torch=none --attention_impl=cudnn --nomax_batch ;;
+    pool_reduce_window | pool_slices)  # the stem max-pool's two implementations, dferjax only
+      stage "$1" 110 --dtypes=bfloat16 --batch_sizes=128 --torch=none --nomax_batch --max_pool_impl="${1#pool_}" ;;
+    *) echo "unknown stage $1" | tee -a "$LOG" ;;
+  esac
+}
+for name in ${STAGES:-bf16_b128 bf16_eager profile fp32_eager bf16_cudnn}; do run_stage "$name"; done
 
 echo "== summary" | tee -a "$LOG"
 grep -E '^(dferjax|torch) .*(clips/s|memory|Error)|^== |^\| |^STT \(|^largest' "$LOG"

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -114,17 +115,17 @@ def test_time_windows_syncs_once_per_window():
 
 
 def test_xla_flops_accepts_the_list_and_dict_forms():
-  class Compiled:
+  class Stage:
     def __init__(self, analysis):
       self.analysis = analysis
 
     def cost_analysis(self):
       return self.analysis
 
-  assert benchmarking.xla_flops(Compiled({'flops': 12.0})) == 12.0
-  assert benchmarking.xla_flops(Compiled([{'flops': 12.0}])) == 12.0
-  assert benchmarking.xla_flops(Compiled(None)) is None
-  assert benchmarking.xla_flops(Compiled([{'bytes accessed': 3.0}])) is None
+  assert benchmarking.xla_flops(Stage({'flops': 12.0})) == 12.0
+  assert benchmarking.xla_flops(Stage([{'flops': 12.0}])) == 12.0
+  assert benchmarking.xla_flops(Stage(None)) is None
+  assert benchmarking.xla_flops(Stage([{'bytes accessed': 3.0}])) is None
 
 
 def test_write_json_and_table(tmp_path):
@@ -133,3 +134,54 @@ def test_write_json_and_table(tmp_path):
   assert json.loads(path.read_text()) == {'a': 1.5, 'b': None, 'c': [2]}
   table = benchmarking.format_table([{'x': 1234.5, 'y': None}], [('X', 'x'), ('Y', 'y')])
   assert table.splitlines()[2] == '| 1,234 | - |'
+
+
+def test_xla_flops_of_a_lowered_step_counts_convolutions_and_matmuls():
+  """The count bench_train.py uses (cost analysis of the lowered step): 2 x multiply-adds of a VALID conv
+  and a matmul, which GPU compilation would hide inside cuDNN/cuBLAS calls."""
+
+  import jax.numpy as jnp
+
+  def forward(images, kernel, weights):
+    features = jax.lax.conv_general_dilated(images, kernel, (1, 1), 'VALID',
+                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return features.reshape(features.shape[0], -1) @ weights
+
+  images, kernel = jnp.ones((2, 10, 10, 4)), jnp.ones((3, 3, 4, 16))
+  weights = jnp.ones((8 * 8 * 16, 5))
+  conv_flops = 2 * 2 * 8 * 8 * 16 * (3 * 3 * 4)
+  matmul_flops = 2 * 2 * (8 * 8 * 16) * 5
+  got = benchmarking.xla_flops(jax.jit(forward).lower(images, kernel, weights))
+  assert got == pytest.approx(conv_flops + matmul_flops, rel=0.01)
+
+
+def test_cpu_flops_fill_in_what_an_accelerator_leaves_out():
+  """On GPU jax gives no cost analysis of the lowered step: the 'flops' worker's CPU lowering fills the
+  FLOPs in and MFU follows. The worker's count equals the lowered count the CPU dferjax worker reports."""
+  bench_train = load_bench_train()
+  settings = {'model': 'tiny', 'dtypes': ['float32'], 'batch_sizes': [4], 'max_pool_impl': 'reduce_window',
+              'seed': 0}
+  flops_output = {}
+  for _ in bench_train.run_flops_worker(settings, flops_output):
+    pass
+  [counted] = flops_output['results']
+  train_flops, eval_flops = counted['flops_per_clip']['train'], counted['flops_per_clip']['eval']
+  assert 2 < train_flops / eval_flops < 4
+  # The lowered program is the global one: conftest's 2 devices must not scale the count. The compiled
+  # program is one device's share (and optimised, so only close): per clip it is about the same.
+  config = bench_train.bench_config('tiny', 'float32')
+  _, steps, _ = bench_train.build_jax_steps(config, 0)
+  jitted, args = bench_train.abstract_step_inputs(config, 4, steps)['train']
+  assert jax.device_count() == 2
+  per_device_compiled = benchmarking.xla_flops(jitted.lower(*args).compile())
+  assert 0.8 < per_device_compiled * 2 / 4 / train_flops < 1.25
+
+  jax_output = {'device': {'device_kind': 'NVIDIA H200', 'device_count': 1}, 'results': [
+      {'dtype': 'float32', 'batch_size': 4, 'figures': {
+          'train': {'clips_per_s': 1000.0, 'flops_per_clip': None}, 'eval': {'flops_per_clip': None}}},
+      {'dtype': 'float32', 'batch_size': 8, 'figures': {'error': 'out of memory', 'out_of_memory': True}}]}
+  bench_train.add_cpu_flops(jax_output, flops_output)
+  figures = jax_output['results'][0]['figures']
+  assert figures['train']['flops_per_clip'] == train_flops and figures['eval']['flops_per_clip'] == eval_flops
+  assert figures['train']['mfu'] == pytest.approx(train_flops * 1000.0 / 495e12)  # H200 dense TF32 peak
+  assert jax_output['results'][1]['figures'] == {'error': 'out of memory', 'out_of_memory': True}

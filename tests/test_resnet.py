@@ -100,3 +100,24 @@ def test_bfloat16_compute_keeps_float32_params():
   out = jax.eval_shape(partial(model.apply, train=False), variables,
                        jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
   assert out.dtype == jnp.bfloat16 and out.shape == (2, 64)
+
+
+@pytest.mark.parametrize('size', [7, 8, 56])
+def test_max_pool_slices_equal_torch_forward_and_backward(size):
+  """'slices' and 'reduce_window' both equal torch's MaxPool2d(3, 2, 1): outputs, and input gradients
+  (random floats, so no ties inside a window)."""
+  torch = pytest.importorskip('torch')
+  from dferjax.models.resnet import max_pool_3x3_stride_2
+  rng = np.random.default_rng(size)
+  x = rng.normal(size=(2, size, size, 3)).astype(np.float32)
+  x_torch = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+  want = torch.nn.functional.max_pool2d(x_torch, 3, 2, 1)
+  upstream = rng.normal(size=want.shape).astype(np.float32)
+  (want * torch.from_numpy(upstream)).sum().backward()
+  want_grad = x_torch.grad.permute(0, 2, 3, 1).numpy()
+  for impl in ('reduce_window', 'slices'):
+    pooled, pull_back = jax.vjp(partial(max_pool_3x3_stride_2, impl=impl), x)
+    np.testing.assert_array_equal(pooled, want.detach().permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(pull_back(upstream.transpose(0, 2, 3, 1))[0], want_grad)
+  with pytest.raises(ValueError, match='max_pool_impl'):
+    max_pool_3x3_stride_2(x, impl='avg')

@@ -81,7 +81,12 @@ class MultiHeadSelfAttention(nn.Module):
     # jax.nn.dot_product_attention wants exactly [batch, tokens, heads, head_dim].
     qkv = qkv.reshape(-1, num_tokens, 3, self.num_heads, head_dim)
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    out = jax.nn.dot_product_attention(query, key, value, implementation=self.attention_impl)
+    try:
+      out = jax.nn.dot_product_attention(query, key, value, implementation=self.attention_impl)
+    except NotImplementedError as error:  # cuDNN refuses some shapes, e.g. STT's odd 49/17-token training
+      raise ValueError(
+          f"attention_impl='{self.attention_impl}' cannot run {num_tokens} tokens with head_dim {head_dim} "
+          f"({error}); set config.model.attention_impl='xla'") from error
     out = out.reshape(*batch_shape, num_tokens, dim)
     return torch_dense(dim, dim, dtype=self.dtype, param_dtype=self.param_dtype, name='proj')(out)
 

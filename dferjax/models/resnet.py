@@ -3,6 +3,7 @@
 Names: `conv1`, `bn1`, `layer{stage}_{block}` with `conv1/bn1/conv2/bn2/downsample_0/downsample_1`
 (torchvision's `layer1.0.downsample.0` etc.). NHWC; input `[batch * frames, height, width, 3]`.
 """
+import functools
 from functools import partial
 from typing import Any, Sequence
 
@@ -12,6 +13,28 @@ import jax.numpy as jnp
 
 # torchvision ResNet init: kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+MAX_POOL_IMPLS = ('reduce_window', 'slices')
+
+
+def max_pool_3x3_stride_2(x: jax.Array, impl: str = 'reduce_window') -> jax.Array:
+  """The stem's 3x3 / stride 2 / pad 1 max-pool on NHWC, padding with -inf like torch.
+
+  'reduce_window' is XLA's windowed reduction, whose gradient is a select-and-scatter; 'slices' takes the max
+  of the nine strided views, so the gradient is elementwise selects and pads that XLA fuses (no scatter).
+  The two agree exactly forward and, away from ties inside a window, backward.
+  """
+  if impl == 'reduce_window':
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  if impl != 'slices':
+    raise ValueError(f'max_pool_impl {impl!r} not in {MAX_POOL_IMPLS}')
+  n, height, width, channels = x.shape
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  out_height, out_width = (height - 1) // 2 + 1, (width - 1) // 2 + 1
+  views = [jax.lax.slice(padded, (0, row, col, 0), (n, row + 2 * out_height - 1, col + 2 * out_width - 1, channels),
+                         (1, 2, 2, 1)) for row in range(3) for col in range(3)]
+  return functools.reduce(jnp.maximum, views)
 
 
 def _batch_norm(train: bool, dtype, param_dtype, name: str) -> nn.BatchNorm:
@@ -52,6 +75,7 @@ class ResNet(nn.Module):
   width: int = 64
   last_stage: int = 4
   pool: bool = False  # global average pool -> [n, channels] (CEFLNet/EST's 512-d frame feature)
+  max_pool_impl: str = 'reduce_window'  # or 'slices' (max_pool_3x3_stride_2)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -66,7 +90,7 @@ class ResNet(nn.Module):
                 kernel_init=conv_kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
                 name='conv1')(images)
     x = nn.relu(_batch_norm(train, self.dtype, self.param_dtype, 'bn1')(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf like torch
+    x = max_pool_3x3_stride_2(x, self.max_pool_impl)
     for stage, num_blocks in enumerate(self.stage_sizes[:self.last_stage]):
       for block in range(num_blocks):
         x = BasicBlock(self.width * 2**stage, strides=2 if stage > 0 and block == 0 else 1,

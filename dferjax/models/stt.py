@@ -75,6 +75,7 @@ class STT(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: str = 'xla'  # 'cudnn': flash attention on GPU, needs dtype bfloat16
+  max_pool_impl: str = 'reduce_window'  # the backbone stem's max-pool: or 'slices' (resnet.max_pool_3x3_stride_2)
 
   @nn.compact
   def __call__(self, video: jax.Array, *, train: bool):
@@ -84,7 +85,8 @@ class STT(nn.Module):
                        f'(num_frames={self.num_frames}), got shape {video.shape}')
     dtype = jnp.dtype(self.dtype)
     batch = video.shape[0]
-    backbone = ResNet(width=self.backbone_width, last_stage=self.backbone_stage, dtype=dtype,
+    backbone = ResNet(width=self.backbone_width, last_stage=self.backbone_stage, max_pool_impl=self.max_pool_impl,
+                      dtype=dtype,
                       param_dtype=self.param_dtype, name='backbone')
     feature_map = backbone(layers.merge_frames(video), train=train)  # [batch * frames, h, w, channels]
     # "Flatten and project by a 1x1 convolution" (Sec. 3.2): [batch * frames, h, w, c] -> [.., h * w, d];
