@@ -185,3 +185,26 @@ def test_cpu_flops_fill_in_what_an_accelerator_leaves_out():
   assert figures['train']['flops_per_clip'] == train_flops and figures['eval']['flops_per_clip'] == eval_flops
   assert figures['train']['mfu'] == pytest.approx(train_flops * 1000.0 / 495e12)  # H200 dense TF32 peak
   assert jax_output['results'][1]['figures'] == {'error': 'out of memory', 'out_of_memory': True}
+
+
+def test_join_results_matches_by_setting_and_keeps_out_of_memory_rows():
+  """An out-of-memory batch stays in the report as 'OOM'; a torch worker that stopped early leaves its
+  unmeasured settings marked with its error; ratios pair the same (dtype, batch)."""
+  bench_train = load_bench_train()
+  measured = lambda clips_per_s: {'train': {'clips_per_s': clips_per_s, 'step_time_s': 8 / clips_per_s,
+                                            'compile_s': 1.0, 'flops_per_clip': None},
+                                  'eval': {'clips_per_s': 2 * clips_per_s}}
+  oom = {'error': 'out of memory: XlaRuntimeError: RESOURCE_EXHAUSTED', 'out_of_memory': True}
+  jax_output = {'results': [{'dtype': 'bfloat16', 'batch_size': 8, 'figures': measured(300.0)},
+                            {'dtype': 'bfloat16', 'batch_size': 16, 'figures': oom}]}
+  torch_outputs = {'eager': {'results': [{'dtype': 'bfloat16', 'batch_size': 8, 'figures': measured(100.0)}],
+                             'error': 'the eager worker exited with code -9'}}
+  results = bench_train.join_results(jax_output, torch_outputs)
+  assert results[0]['ratios']['eager']['train_clips_per_s'] == pytest.approx(3.0)
+  assert results[0]['ratios']['eager']['eval_clips_per_s'] == pytest.approx(3.0)
+  assert results[1]['torch']['eager'] == {'error': 'the eager worker exited with code -9'}
+  assert results[1]['ratios']['eager'] == {}
+  rows = bench_train.table_rows(results, ['eager'])
+  assert rows[0]['x eager'] == pytest.approx(3.0) and rows[1]['clips/s'] == 'OOM'
+  assert bench_train.summary_line('dferjax', 'bfloat16', 16, oom).endswith('RESOURCE_EXHAUSTED')
+  assert '300.0 clips/s' in bench_train.summary_line('dferjax', 'bfloat16', 8, measured(300.0))
