@@ -7,7 +7,8 @@ optimizer and precision policy, same machine and run, so every figure is also a 
     python scripts/bench_train.py --model paper --batch_sizes 4 --flops_only   # FLOPs/clip, compile only (any host)
 
 dferjax: the real `dferjax.train.compile_steps` steps (mesh, shardings, donation), compiled ahead of time so the
-compile time and memory analysis come from the executable that is timed, and the FLOP count from XLA's cost analysis of the same step lowered (before GPU rewrites hide convolutions in cuDNN calls).
+compile time and memory analysis come from the executable that is timed. FLOPs come from XLA's cost analysis of
+the same step lowered, before GPU compilation hides convolutions in cuDNN calls (on GPU, a CPU worker lowers it).
 PyTorch: `dferjax.reference.torch_stt` with the flax init copied in (`load_flax_variables`), SGD(momentum 0.9,
 weight_decay 1e-4) = optax add_decayed_weights + sgd, STT's compact loss, bf16 as AMP autocast, channels_last,
 eager and `torch.compile`. Timing: `--steps` steps in windows of `--window`, one device sync per window, median per-step
@@ -165,7 +166,6 @@ def lowered_flops(config, batch_size: int, seed: int) -> dict:
   """FLOPs per clip of the train and eval steps from the lowered HLO (no compile). Run on the CPU backend
   (the 'flops' worker): jax on GPU returns no cost analysis for a lowered program, and a GPU-compiled one
   leaves cuDNN convolutions uncounted."""
-  import jax  # pylint: disable=import-outside-toplevel
   _, steps, _ = build_jax_steps(config, seed)
   return {part: per_clip(benchmarking.xla_flops(jitted.lower(*args)), batch_size)
           for part, (jitted, args) in abstract_step_inputs(config, batch_size, steps).items()}
@@ -173,7 +173,6 @@ def lowered_flops(config, batch_size: int, seed: int) -> dict:
 
 def jax_flops_only(config, batch_size: int, seed: int) -> dict:
   """Compiles the train and eval steps on abstract inputs (no arrays, any host) for FLOPs and memory."""
-  import jax  # pylint: disable=import-outside-toplevel
   _, steps, _ = build_jax_steps(config, seed)
   figures = {}
   for part, (jitted, args) in abstract_step_inputs(config, batch_size, steps).items():
@@ -552,7 +551,8 @@ def run_torch_worker(settings: dict, folder: str, mode: str, output: dict):
       except Exception as error:  # pylint: disable=broad-except
         if benchmarking.is_resource_exhausted(error):
           figures = out_of_memory_figures(error)
-          torch.cuda.empty_cache() if torch.cuda.is_available() else None
+          if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         elif mode == 'compile':  # reported, not fatal: e.g. no C++ compiler on the host
           figures = {'error': describe_error(error)}
         else:
@@ -586,8 +586,9 @@ def add_cpu_flops(jax_output: dict, flops_output: dict):
         figures[part]['flops_per_clip'] = counted[key][part]
         figures[part]['flops_source'] = 'XLA cost analysis of the step lowered for CPU'
     train_figures = figures['train']
-    train_figures.update(flop_figures(train_figures['flops_per_clip'], train_figures['clips_per_s'], result['dtype'],
-                                      device['device_kind'], device['device_count']))
+    if 'clips_per_s' in train_figures:  # not under --flops_only
+      train_figures.update(flop_figures(train_figures['flops_per_clip'], train_figures['clips_per_s'],
+                                        result['dtype'], device['device_kind'], device['device_count']))
 
 
 def worker_main(name: str, folder: str):
@@ -754,9 +755,8 @@ def main(argv):
   with tempfile.TemporaryDirectory(prefix='bench_train_') as folder:
     benchmarking.write_json(os.path.join(folder, 'settings.json'), settings)
     jax_output = run_worker('dferjax', folder, required=True)
-    if not settings['flops_only'] and any(
-        'error' not in r['figures'] and r['figures']['train'].get('flops_per_clip') is None
-        for r in jax_output['results']):
+    if any('error' not in r['figures'] and r['figures']['train'].get('flops_per_clip') is None
+           for r in jax_output['results']):
       add_cpu_flops(jax_output, run_worker('flops', folder, required=False))
     torch_outputs = {mode: run_worker(mode, folder, required=mode == 'eager') for mode in settings['torch']}
 

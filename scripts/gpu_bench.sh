@@ -10,12 +10,13 @@
 #   bf16_eager    bf16 at the paper's batch (32), 128 again and 256 vs eager; the batch-128 step now loads from
 #                 the compilation cache the first stage filled (compile_s: the warm-restart figure), and its
 #                 throughput repeats the first stage's (the run-to-run spread)
-#   fp32_eager    float32 (TF32 matmuls/convs on both sides) vs PyTorch eager
 #   profile       bf16 batch 128 under jax.profiler (warm from the cache): $OUT/profile.trace.json.gz and
 #                 .xplane.pb, per-kernel device time (scripts/profile_summary.py reads the first)
+#   fp32_eager    float32 (TF32 matmuls/convs on both sides) vs PyTorch eager
 #   bf16_cudnn    bf16 batch 128 with cuDNN flash attention (attention_impl=cudnn), dferjax only
 #   pool_reduce_window, pool_slices (only when named in STAGES): the stem max-pool's two implementations
-# STAGES="..." picks stages (default: the first five, in this order). All stages together stop after $BUDGET seconds (default 560): a late stage gets what is left, or is skipped.
+# STAGES="..." picks stages (default: the first five, in this order). All stages together stop after $BUDGET
+# seconds (default 560): a late stage gets what is left, or is skipped.
 # A host without the project's dependencies (a bare GPU image) may carry them as wheels in .whl/ (grain,
 # ml_collections, ...; .whl/fallback/ holds flax/optax/orbax used only if the host's own fail to import).
 set -u

@@ -185,6 +185,13 @@ def test_cpu_flops_fill_in_what_an_accelerator_leaves_out():
   assert figures['train']['flops_per_clip'] == train_flops and figures['eval']['flops_per_clip'] == eval_flops
   assert figures['train']['mfu'] == pytest.approx(train_flops * 1000.0 / 495e12)  # H200 dense TF32 peak
   assert jax_output['results'][1]['figures'] == {'error': 'out of memory', 'out_of_memory': True}
+  # --flops_only figures (compiled on the GPU, nothing timed) get the count and no MFU.
+  flops_only = {'device': jax_output['device'], 'results': [{'dtype': 'float32', 'batch_size': 4, 'figures': {
+      'train': {'compile_s': 1.0, 'flops_per_clip': None}, 'eval': {'compile_s': 1.0, 'flops_per_clip': None}}}]}
+  bench_train.add_cpu_flops(flops_only, flops_output)
+  assert flops_only['results'][0]['figures']['train'] == {
+      'compile_s': 1.0, 'flops_per_clip': train_flops,
+      'flops_source': 'XLA cost analysis of the step lowered for CPU'}
 
 
 def test_join_results_matches_by_setting_and_keeps_out_of_memory_rows():

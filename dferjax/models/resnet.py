@@ -3,8 +3,7 @@
 Names: `conv1`, `bn1`, `layer{stage}_{block}` with `conv1/bn1/conv2/bn2/downsample_0/downsample_1`
 (torchvision's `layer1.0.downsample.0` etc.). NHWC; input `[batch * frames, height, width, 3]`.
 """
-import functools
-from functools import partial
+from functools import partial, reduce
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -34,7 +33,7 @@ def max_pool_3x3_stride_2(x: jax.Array, impl: str = 'reduce_window') -> jax.Arra
   out_height, out_width = (height - 1) // 2 + 1, (width - 1) // 2 + 1
   views = [jax.lax.slice(padded, (0, row, col, 0), (n, row + 2 * out_height - 1, col + 2 * out_width - 1, channels),
                          (1, 2, 2, 1)) for row in range(3) for col in range(3)]
-  return functools.reduce(jnp.maximum, views)
+  return reduce(jnp.maximum, views)
 
 
 def _batch_norm(train: bool, dtype, param_dtype, name: str) -> nn.BatchNorm:

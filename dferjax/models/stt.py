@@ -86,8 +86,7 @@ class STT(nn.Module):
     dtype = jnp.dtype(self.dtype)
     batch = video.shape[0]
     backbone = ResNet(width=self.backbone_width, last_stage=self.backbone_stage, max_pool_impl=self.max_pool_impl,
-                      dtype=dtype,
-                      param_dtype=self.param_dtype, name='backbone')
+                      dtype=dtype, param_dtype=self.param_dtype, name='backbone')
     feature_map = backbone(layers.merge_frames(video), train=train)  # [batch * frames, h, w, channels]
     # "Flatten and project by a 1x1 convolution" (Sec. 3.2): [batch * frames, h, w, c] -> [.., h * w, d];
     # kaiming fan_in init and zero bias as mx-mark's PatchEmbed.
