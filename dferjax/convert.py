@@ -7,6 +7,8 @@ the list of missing/unexpected keys and shape mismatches. Run:
 
   python -m dferjax.convert --input Resnet18_MS1M_pytorch.pth.tar --output ~/ckpt/resnet18_ms1m
 
+The functions raise exceptions; the command prints them as `error: ...` lines on stderr and exits 1.
+
 The trainer loads the result with `load_backbone(dir)` and `merge_backbone(variables, backbone)`
 (`config.init_from.backbone`).
 """
@@ -30,6 +32,9 @@ DROPPED_HEADS = ('fc.', 'feature.')  # classifier; MS1M's Linear(512 -> 256) emb
 _TORCH_LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
                'var': 'running_var'}
 _MAX_LISTED = 20
+# What a bad --input/--output raises here (OSError covers missing, existing and unwritable paths); anything else
+# is a bug and keeps its traceback.
+CLI_ERRORS = (ValueError, OSError, KeyError, RuntimeError, ImportError)
 
 
 def torch_key(path: Sequence[str]) -> str:
@@ -42,21 +47,31 @@ def _listing(label: str, items: list[str]) -> str:
   return f'{len(items)} {label}: ' + ', '.join(shown)
 
 
+def _torch_load_reason(error: Exception) -> str:
+  """The line of a torch.load error that says what is wrong, without torch's paragraphs of advice."""
+  text = str(error).split('WeightsUnpickler error:', 1)[-1]
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  reason = lines[0].split(' Please use ')[0] if lines else type(error).__name__
+  return reason if len(reason) <= 300 else reason[:300] + '...'
+
+
 def read_state_dict(path) -> dict[str, np.ndarray]:
   """Tensors of a torch checkpoint (a state_dict, or a dict holding one under 'state_dict') as numpy.
 
   Other entries beside 'state_dict' (epoch, arch, best_prec1) are reported and ignored.
   """
-  import torch  # optional dependency: only the converter needs it
-
   path = Path(path)
+  try:
+    import torch  # pylint: disable=import-outside-toplevel  # optional dependency: only the converter needs it
+  except ImportError as error:
+    raise ImportError(f'{path}: reading a torch checkpoint needs PyTorch (pip install -e ".[torch]")') from error
   if not path.is_file():
-    raise FileNotFoundError(f'{path}: no such checkpoint file')
+    raise FileNotFoundError(f'{path}: {"a directory, not a" if path.is_dir() else "no such"} checkpoint file')
   try:
     checkpoint = torch.load(path, weights_only=True, map_location='cpu')
   except Exception as error:  # pickle/zip errors have many types; all mean "not a weights-only torch file"
     raise ValueError(f'{path}: torch.load(weights_only=True) cannot read it (not a torch checkpoint, or it '
-                     f'pickles Python objects besides tensors): {error}') from error
+                     f'pickles Python objects besides tensors): {_torch_load_reason(error)}') from error
   if isinstance(checkpoint, Mapping) and 'state_dict' in checkpoint:
     if ignored := sorted(str(key) for key in checkpoint if key != 'state_dict'):
       print(f'{path}: ignoring entries beside state_dict: {ignored}')
@@ -84,7 +99,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], stage_sizes=(2, 2, 
       dropped.append(f'{key} {tuple(value.shape)}')
     else:
       tensors[name] = np.asarray(value)
-  width = tensors['conv1.weight'].shape[0] if 'conv1.weight' in tensors else 64
+  conv1 = tensors.get('conv1.weight')
+  # A conv1 that is not [width, 3, 7, 7]-like gets the default width and is then listed as a shape mismatch.
+  width = conv1.shape[0] if conv1 is not None and conv1.ndim == 4 and conv1.shape[0] > 0 else 64
   model = ResNet(stage_sizes=tuple(stage_sizes), width=width)
   abstract = jax.eval_shape(partial(model.init, train=False), jax.random.key(0),
                             jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
@@ -165,19 +182,36 @@ def merge_backbone(variables: Mapping[str, Any], backbone_variables: Mapping[str
   return merged
 
 
+def convert_checkpoint(input_path, output, *, overwrite: bool = False) -> Path:
+  """torch checkpoint file -> Orbax backbone directory (returned); prints what it drops and writes."""
+  variables, dropped = convert_state_dict(read_state_dict(input_path), source=str(input_path))
+  for name in dropped:
+    print(f'dropped {name}')
+  directory = save_backbone(variables, output, overwrite=overwrite)
+  num_params = sum(x.size for x in jax.tree.leaves(variables['params']))
+  print(f'wrote ResNet backbone ({num_params:,} params, width {variables["params"]["conv1"]["kernel"].shape[-1]}) '
+        f'to {directory}')
+  return directory
+
+
+def _error_message(error: Exception, input_path: str) -> str:
+  """The exception's text, led by the input file unless it names it already (ours do); with its type where the
+  text alone says little (a KeyError is just the key)."""
+  text = str(error) if isinstance(error, (ValueError, OSError)) else f'{type(error).__name__}: {error}'
+  return text if input_path in text or str(Path(input_path)) in text else f'{input_path}: {text}'
+
+
 def main(argv=None) -> None:
+  """The command: a conversion error exits 1 with `error: <message>` on stderr, not a traceback."""
   parser = argparse.ArgumentParser(prog='python -m dferjax.convert', description=__doc__.split('\n\n')[0])
   parser.add_argument('--input', required=True, help='torch checkpoint (.pth / .pth.tar)')
   parser.add_argument('--output', required=True, help='directory for the Orbax checkpoint')
   parser.add_argument('--overwrite', action='store_true', help='replace an existing --output')
   args = parser.parse_args(argv)
-  variables, dropped = convert_state_dict(read_state_dict(args.input), source=args.input)
-  for name in dropped:
-    print(f'dropped {name}')
-  directory = save_backbone(variables, args.output, overwrite=args.overwrite)
-  num_params = sum(x.size for x in jax.tree.leaves(variables['params']))
-  print(f'wrote ResNet backbone ({num_params:,} params, width {variables["params"]["conv1"]["kernel"].shape[-1]}) '
-        f'to {directory}')
+  try:
+    convert_checkpoint(args.input, args.output, overwrite=args.overwrite)
+  except CLI_ERRORS as error:
+    raise SystemExit(f'error: {_error_message(error, args.input)}') from error
 
 
 if __name__ == '__main__':

@@ -199,9 +199,9 @@ class MetricWriter:
         if recall is not None:  # None: a class with no clips
           summary_writer.add_scalar(f'{split}/recall/{name}', recall, step)
       if self._confusion_images and record.get('confusion') is not None:
-        from dferjax import reports  # pylint: disable=g-import-not-at-top  # matplotlib only when drawing
-        figure = reports.confusion_figure(np.asarray(record['confusion']), list(per_class))
-        summary_writer.add_image(f'{split}/confusion', reports.render_rgb(figure), step, dataformats='HWC')
+        from dferjax import plots  # pylint: disable=g-import-not-at-top  # matplotlib only when drawing
+        figure = plots.confusion_figure(np.asarray(record['confusion']), list(per_class))
+        summary_writer.add_image(f'{split}/confusion', plots.render_rgb(figure), step, dataformats='HWC')
     summary_writer.flush()
 
   def write_eval(self, step: int, epoch: float, confusion, class_names: Sequence[str], *, split: str = 'test',

@@ -4,6 +4,7 @@ import os
 import pathlib
 import pickle
 import shutil
+import subprocess
 import sys
 
 import cv2
@@ -12,7 +13,7 @@ import pytest
 
 from dferjax.data import build as build_lib
 from dferjax.data import datasets, synthetic
-from tfds_builders import common
+from tfds_builders import common, labels
 from tfds_builders.afew import Afew
 from tfds_builders.dfew import Dfew, read_split_csv
 from tfds_builders.ferv39k import Ferv39k
@@ -288,6 +289,19 @@ def test_config_names():
                                                + [f'fold{k}_px224' for k in range(1, 6)])
   with pytest.raises(ValueError, match='give one of them'):
     build_lib.resolve_configs('afew', ['px112'], 48)
+
+
+def test_one_label_schema_and_no_import_circle():
+  """Every builder's ClassLabel, the readers and the synthetic layouts share tfds_builders.labels; the builders
+  import no dferjax.data (which imports them), and labels imports no TFDS (cheap for the trainer)."""
+  assert datasets.CLASS_NAMES is labels.CLASS_NAMES
+  assert tuple(common.clip_features(32, 'raw')['label'].names) == labels.CLASS_NAMES
+  assert [common.emotion_label(name) for name in synthetic.EMOTION_NAMES] == list(range(labels.NUM_CLASSES))
+  code = ('import sys; import tfds_builders.labels; cheap = "tensorflow_datasets" not in sys.modules; '
+          'import tfds_builders.dfew, tfds_builders.afew, tfds_builders.ferv39k; '
+          'print(cheap, sorted(m for m in sys.modules if m.startswith("dferjax")))')
+  printed = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.split()
+  assert printed == ['True', '[]']
 
 
 def test_data_source_errors(tmp_path):

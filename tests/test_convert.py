@@ -1,5 +1,9 @@
-"""PyTorch ResNet18 checkpoints -> Orbax backbone: parity with torch, round trip, clear errors."""
+"""PyTorch ResNet18 checkpoints -> Orbax backbone: parity with torch, round trip, clear errors (and the command's
+one-line messages instead of tracebacks)."""
 from functools import partial
+import pathlib
+import subprocess
+import sys
 
 from flax import traverse_util
 import jax
@@ -77,6 +81,8 @@ def test_plain_state_dict_round_trip(tmp_path, capsys):
     np.testing.assert_array_equal(value, want)
 
   with pytest.raises(FileExistsError, match='--overwrite'):
+    convert.convert_checkpoint(tmp_path / 'resnet18.pth', tmp_path / 'out')
+  with pytest.raises(SystemExit, match='^error: .*out exists; pass --overwrite'):
     convert.main(['--input', str(tmp_path / 'resnet18.pth'), '--output', str(tmp_path / 'out')])
   convert.main(['--input', str(tmp_path / 'resnet18.pth'), '--output', str(tmp_path / 'out'), '--overwrite'])
 
@@ -86,11 +92,13 @@ def test_not_a_resnet18_lists_the_problems(tmp_path):
   torch.save({'state_dict': resnet34.state_dict()}, tmp_path / 'resnet34.pth')
   with pytest.raises(ValueError, match=r'resnet34.pth: not a torchvision ResNet[\s\S]*unexpected keys: '
                      r'layer1.2.bn1.bias'):
+    convert.convert_checkpoint(tmp_path / 'resnet34.pth', tmp_path / 'x')
+  with pytest.raises(SystemExit, match=r'^error: .*resnet34.pth: not a torchvision ResNet'):
     convert.main(['--input', str(tmp_path / 'resnet34.pth'), '--output', str(tmp_path / 'x')])
 
   torch.save({'foo': torch.zeros(3)}, tmp_path / 'random.pth')
   with pytest.raises(ValueError, match=r'100 missing keys: bn1.bias, .*conv1.weight[\s\S]*1 unexpected keys: foo'):
-    convert.main(['--input', str(tmp_path / 'random.pth'), '--output', str(tmp_path / 'x')])
+    convert.convert_checkpoint(tmp_path / 'random.pth', tmp_path / 'x')
 
   state = torch_stt.ResNet(width=8).state_dict()
   state['layer1.0.conv1.weight'] = torch.zeros(8, 8, 5, 5)
@@ -107,13 +115,60 @@ def test_unreadable_files(tmp_path):
   with pytest.raises(ValueError, match='text.pth: torch.load'):
     convert.read_state_dict(tmp_path / 'text.pth')
   torch.save({'state_dict': {'conv1.weight': torch.zeros(1)}, 'optimizer': torch.optim.SGD}, tmp_path / 'obj.pth')
-  with pytest.raises(ValueError, match='obj.pth: torch.load'):
+  with pytest.raises(ValueError, match='obj.pth: torch.load') as error:
     convert.read_state_dict(tmp_path / 'obj.pth')
+  assert 'torch.optim.sgd.SGD was not an allowed global' in str(error.value)
+  assert len(str(error.value).splitlines()) == 1  # torch's advice paragraphs are left out
+  with pytest.raises(FileNotFoundError, match='a directory, not a checkpoint file'):
+    convert.read_state_dict(tmp_path)
   torch.save({'conv1.weight': torch.zeros(1), 'note': 'x'}, tmp_path / 'mixed.pth')
   with pytest.raises(ValueError, match=r"not tensors: \['note'\]"):
     convert.read_state_dict(tmp_path / 'mixed.pth')
   with pytest.raises(FileNotFoundError, match='no backbone checkpoint'):
     convert.load_backbone(tmp_path / 'missing_dir')
+
+
+def _run_cli(*args):
+  """`python -m dferjax.convert` in a fresh process, as a user runs it."""
+  repo = pathlib.Path(__file__).resolve().parents[1]  # `-m` finds dferjax in the working directory
+  return subprocess.run([sys.executable, '-m', 'dferjax.convert', *map(str, args)], capture_output=True, text=True,
+                        cwd=repo, timeout=300, check=False)
+
+
+@pytest.mark.parametrize('case', ['missing', 'random_bytes', 'linear', 'resnet_in_a_list', 'directory',
+                                  'output_exists'])
+def test_cli_errors_are_messages_not_tracebacks(tmp_path, case):
+  path, output, want = tmp_path / f'{case}.pth', tmp_path / 'out', 'not a torchvision ResNet'
+  if case == 'missing':
+    want = 'no such checkpoint file'
+  elif case == 'random_bytes':
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    want = 'torch.load(weights_only=True) cannot read it'
+  elif case == 'linear':
+    torch.save(torch.nn.Linear(8, 4).state_dict(), path)
+    want = r'2 unexpected keys: bias, weight'
+  elif case == 'resnet_in_a_list':
+    torch.save([_random_resnet(5, width=8).state_dict()], path)
+    want = 'expected a state_dict (a dict of tensors), got list'
+  elif case == 'directory':
+    path.mkdir()
+    want = 'a directory, not a checkpoint file'
+  else:
+    torch.save(_random_resnet(6, width=8).state_dict(), path)
+    output.mkdir()
+    want = 'exists; pass --overwrite'
+  result = _run_cli('--input', path, '--output', output)
+  assert result.returncode == 1, result.stderr
+  assert 'Traceback' not in result.stderr
+  message = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(message) == 1 and str(path) in message[0] and want in result.stderr, result.stderr
+  assert case == 'output_exists' or not output.exists()
+
+
+def test_cli_bad_arguments_print_usage(tmp_path):
+  result = _run_cli('--input', tmp_path / 'x.pth')
+  assert result.returncode == 2 and 'the following arguments are required: --output' in result.stderr
+  assert 'Traceback' not in result.stderr
 
 
 def _zeros_like_model(model, video_shape):

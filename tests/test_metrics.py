@@ -9,9 +9,7 @@ import pytest
 from sklearn import metrics as sk_metrics
 
 from dferjax import metrics
-
-CLASS_NAMES = ('happy', 'sad', 'neutral', 'angry', 'surprise', 'disgust', 'fear')
-NUM_CLASSES = len(CLASS_NAMES)
+from tfds_builders.labels import CLASS_NAMES, NUM_CLASSES
 
 
 def random_batch(seed, batch_size=64):

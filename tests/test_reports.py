@@ -1,13 +1,11 @@
-"""PNG plots, fold tables against numpy, best-epoch selection from metrics.jsonl."""
+"""Fold tables against numpy, best-epoch selection from metrics.jsonl."""
 import numpy as np
 import pytest
-from matplotlib import image as mpl_image
 from sklearn import metrics as sk_metrics
 
 from dferjax import reports
 from dferjax import writers
-
-CLASS_NAMES = ('happy', 'sad', 'neutral', 'angry', 'surprise', 'disgust', 'fear')
+from tfds_builders.labels import CLASS_NAMES
 
 
 def random_confusion(rng, num_clips=200, accuracy=0.6):
@@ -20,35 +18,6 @@ def random_fold_results(seed, num_folds=5):
   rng = np.random.default_rng(seed)
   return {f'fold{i + 1}': {'uar': rng.random(), 'war': rng.random(),
                            'per_class': {name: rng.random() for name in CLASS_NAMES}} for i in range(num_folds)}
-
-
-def test_confusion_png(tmp_path):
-  confusion = random_confusion(np.random.default_rng(0))
-  for normalize in (True, False):
-    path = reports.plot_confusion_matrix(confusion, CLASS_NAMES, tmp_path / f'plots/confusion_{normalize}.png',
-                                         normalize=normalize)
-    assert path.stat().st_size > 10_000
-    pixels = mpl_image.imread(path)
-    assert 500 <= pixels.shape[0] <= 1200 and 500 <= pixels.shape[1] <= 1400 and pixels.shape[2] in (3, 4)
-    assert pixels[..., :3].std() > 0.05  # not a blank canvas
-  rgb = reports.render_rgb(reports.confusion_figure(confusion, CLASS_NAMES))
-  assert rgb.dtype == np.uint8 and rgb.shape[2] == 3
-  with pytest.raises(ValueError, match=r'expected \(7, 7\)'):
-    reports.plot_confusion_matrix(confusion[:6, :6], CLASS_NAMES, tmp_path / 'bad.png')
-
-
-def test_learning_curves_png(tmp_path):
-  rng = np.random.default_rng(1)
-  with writers.MetricWriter(tmp_path, enabled=True, tensorboard=False) as writer:
-    for epoch in range(1, 5):
-      writer.write('train', epoch * 10, epoch, {'loss': 2.0 / epoch})
-      writer.write_eval(epoch * 10, epoch, random_confusion(rng), CLASS_NAMES, loss=1.5 / epoch)
-  path = reports.plot_learning_curves(writers.read_records(tmp_path), tmp_path / 'curves.png')
-  pixels = mpl_image.imread(path)
-  assert pixels.shape[:2] == (400, 1100)
-  assert pixels[..., :3].std() > 0.05
-  with pytest.raises(ValueError, match='no train records'):
-    reports.plot_learning_curves([{'split': 'train', 'step': 1, 'epoch': 0}], tmp_path / 'empty.png')
 
 
 def test_fold_mean_std_and_table_against_numpy():

@@ -11,8 +11,7 @@ from tensorboardX.proto import event_pb2
 
 from dferjax import metrics
 from dferjax import writers
-
-CLASS_NAMES = ('happy', 'sad', 'neutral', 'angry', 'surprise', 'disgust', 'fear')
+from tfds_builders.labels import CLASS_NAMES
 
 
 def masked_crc(data: bytes) -> int:

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dferjax.data.datasets import CLASS_NAMES
+from tfds_builders.labels import CLASS_NAMES
 
 JPEG_QUALITY = 90
 FRAME_ENCODINGS = ('jpeg', 'raw')
@@ -26,8 +26,9 @@ FRAME_ENCODINGS = ('jpeg', 'raw')
 RAW_MAX_IMAGE_SIZE = 64
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 # Folder/CSV emotion names -> label; the official names plus the spellings of Former-DFER's AFEW lists.
-EMOTION_LABELS = {'happy': 0, 'happiness': 0, 'sad': 1, 'sadness': 1, 'neutral': 2, 'angry': 3, 'anger': 3,
-                  'surprise': 4, 'disgust': 5, 'fear': 6}
+_ALIASES = {'happiness': 'happy', 'sadness': 'sad', 'anger': 'angry'}
+EMOTION_LABELS = {**{name: label for label, name in enumerate(CLASS_NAMES)},
+                  **{alias: CLASS_NAMES.index(name) for alias, name in _ALIASES.items()}}
 EMOTION_NAMES_HELP = 'Angry, Disgust, Fear, Happy, Neutral, Sad, Surprise (Anger, Happiness, Sadness accepted)'
 MISSING_FOLDER = 'missing clip folder'
 EMPTY_FOLDER = 'empty clip folder (no image files)'

@@ -19,7 +19,8 @@ import time
 
 import tqdm
 
-from dferjax.data.datasets import CLASS_NAMES, builder_class
+from dferjax.data.datasets import builder_class
+from tfds_builders.labels import CLASS_NAMES
 
 
 @dataclasses.dataclass

@@ -5,8 +5,7 @@ only name a dataset. Build first with `python scripts/build_dataset.py` (see `df
 """
 import os
 
-# Canonical label order 0..6 of every builder (DFEW's official 1..7 minus one; refs.md §2.5).
-CLASS_NAMES = ('happy', 'sad', 'neutral', 'angry', 'surprise', 'disgust', 'fear')
+from tfds_builders.labels import CLASS_NAMES  # noqa: F401  # re-exported: label order 0..6 of every builder
 
 DATASETS = ('dfew', 'afew', 'ferv39k')
 

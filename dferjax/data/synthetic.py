@@ -20,13 +20,13 @@ import pathlib
 import cv2
 import numpy as np
 
-from dferjax.data.datasets import CLASS_NAMES
+from tfds_builders.labels import CLASS_NAMES
 
 FRAME_SIZE = 224  # DFEW's clip_224x224
 JPEG_QUALITY = 90
 NUM_FOLDS = 5
 # Official label names: DFEW CSV labels are 1 + index here; AFEW/FERV39K use them as folder names.
-EMOTION_NAMES = ('Happy', 'Sad', 'Neutral', 'Angry', 'Surprise', 'Disgust', 'Fear')
+EMOTION_NAMES = tuple(name.capitalize() for name in CLASS_NAMES)
 FERV39K_SCENES = ('Action', 'Argue', 'Business', 'Conflict', 'Contest', 'Crime', 'Crisis', 'DailyLife',
                   'ElegantArt', 'Experiment', 'History', 'Interview', 'Liveshow', 'Medicine', 'OfficialEvent',
                   'ScholarReport', 'School', 'Social', 'Speech', 'Talkshow', 'Terror', 'War')
