@@ -1,29 +1,38 @@
-"""A small STT on the synthetic DFEW-layout dataset: the first command for a new user (minutes on a CPU).
+"""A small model on the synthetic DFEW-layout dataset: the first command for a new user (minutes on a CPU).
 
     python -m dferjax.main --config configs/demo_synthetic.py --workdir runs/demo
 
 On first use it writes the synthetic clips (DFEW's on-disk layout, classes that differ by how a drawn face
 moves) to data/tfds/manual/synthetic_dfew and builds them as the TFDS dataset `dfew/fold1_px48`, through the
-same builder and grain pipeline that serve the real DFEW. The model is STT with a narrow backbone and two
-blocks on 8 frames of 48 px; everything else is the paper's recipe except the schedule (shorter).
+same builder and grain pipeline that serve the real DFEW. Arguments: model ('stt': STT with a narrow backbone
+and two blocks on 8 frames of 48 px), epochs.
 """
+import ml_collections
+
 from dferjax import configlib
+
+DEMO_MODELS = {
+    'stt': dict(num_frames=8, embed_dim=64, num_layers=2, num_heads=4, mlp_ratio=2.0, drop_path_rate=0.1,
+                backbone_stage=3, backbone_width=16),
+}
 
 
 def get_config(arg=None):
-  args = configlib.parse_arg(arg, epochs=30)
+  args = configlib.parse_arg(arg, model='stt', epochs=30)
+  if args.model not in DEMO_MODELS:
+    raise ValueError(f'configs/demo_synthetic.py: model={args.model!r} not in {sorted(DEMO_MODELS)}')
   config = configlib.base_config()
-  config.model_name = 'stt'
-  config.model = dict(num_frames=8, embed_dim=64, num_layers=2, num_heads=4, mlp_ratio=2.0,
-                      drop_path_rate=0.1, backbone_stage=3, backbone_width=16)
+  config.model_name = args.model
+  config.model = DEMO_MODELS[args.model]
   config.dataset.name = 'dfew/fold1_px48'
   config.dataset.data_dir = 'data/tfds'
-  config.dataset.synthetic.generate_if_missing = True
-  config.dataset.synthetic.clips_per_class = 100
-  config.input.num_segments = 4
-  config.input.frames_per_segment = 2
+  # Demo only: write and build the synthetic dataset into data_dir if it is missing.
+  config.dataset.synthetic = ml_collections.ConfigDict(dict(manual_dir='', clips_per_class=100, seed=0))
+  config.input.sampler = configlib.segment_sampler(num_segments=4, frames_per_segment=2)
   config.input.image_size = 48
+  config.input.augment = 'stt'
   config.input.num_threads = 2
+  config.loss = dict(name='compact', beta=0.2)
   config.optimizer.name = 'adam'
   config.optimizer.learning_rate = 1e-3
   config.optimizer.weight_decay = 0.0
@@ -32,4 +41,5 @@ def get_config(arg=None):
   config.batch_size = 16
   config.eval_batch_size = 32
   config.log_every_steps = 10
+  config.init_from.backbone = 'none'  # no pretrained weights on the synthetic faces
   return config.lock()

@@ -5,15 +5,13 @@
 
 As Former-DFER and STT: every weight of the DFEW fold-1 model (best checkpoint) is the starting point, lr 0.001,
 20 epochs; add --config.init_from.reset_classifier to start the classifier afresh. AFEW is reported on its
-validation split.
+validation split. The arguments are stt_dfew's.
 """
-import os
-
-from dferjax import configlib
+from configs import stt_dfew
 
 
 def get_config(arg=None):
-  config = configlib.load_config(os.path.join(os.path.dirname(__file__), 'stt_dfew.py'), arg)
+  config = stt_dfew.get_config(arg)
   with config.unlocked():
     config.dataset.name = 'afew/px112'
     config.dataset.eval_split = 'validation'

@@ -1,14 +1,13 @@
 """STT on FERV39K (train/test), the DFEW recipe unchanged as in Former-DFER's FERV39K runs.
 
-    python -m dferjax.main --config configs/stt_ferv39k.py --workdir runs/stt_ferv39k
+    python -m dferjax.main --config configs/stt_ferv39k.py --workdir runs/stt_ferv39k \
+        --config.init_from.backbone=weights/resnet18_msceleb
 """
-import os
-
-from dferjax import configlib
+from configs import stt_dfew
 
 
 def get_config(arg=None):
-  config = configlib.load_config(os.path.join(os.path.dirname(__file__), 'stt_dfew.py'), arg)
+  config = stt_dfew.get_config(arg)
   with config.unlocked():
     config.dataset.name = 'ferv39k/px112'
   return config

@@ -11,8 +11,10 @@ import json
 import os
 from typing import Any
 
+import flax
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
@@ -125,3 +127,82 @@ def check_compatible(saved: dict[str, tuple], expected: dict[str, tuple], *, wha
 
 def config_to_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where a run starts: its own latest checkpoint (resume), a pretrained backbone, another run's checkpoint.
+
+
+def check_starting_point(config):
+  """A config whose paper starts from a pretrained backbone leaves `init_from.backbone` empty: fail before any
+  work unless a backbone, another run (`init_from.workdir`) or 'none' (random on purpose) is given."""
+  if config.init_from.backbone == '' and not config.init_from.workdir:
+    raise ValueError(
+        f'{config.model_name} trains from a pretrained backbone in its paper, and none was given: pass '
+        '--config.init_from.backbone=<dir written by python -m dferjax.convert>, or '
+        '--config.init_from.backbone=none to train from random weights')
+
+
+def check_resumable(config_json: dict, saved_config: dict, directory: str):
+  """Refuses to resume a workdir written by another model: the config holds what the arrays cannot say."""
+  for field in ('model_name', 'model', 'num_classes'):
+    saved = saved_config.get(field)
+    current = config_json[field]
+    if saved != current:
+      raise ValueError(f'{directory} holds a checkpoint with config.{field}={saved!r}, but this run has '
+                       f'{current!r}: use another --workdir, or the same config to resume')
+
+
+def initial_state(config, state, model, state_sharding):
+  """The freshly initialised `state` with the config's starting weights merged in (backbone, then workdir)."""
+  if config.init_from.backbone not in ('', 'none'):
+    from dferjax import convert  # pylint: disable=import-outside-toplevel
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    variables = convert.merge_backbone(variables, convert.load_backbone(config.init_from.backbone))
+    state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+  if config.init_from.workdir:
+    state = state_from_workdir(config, state, model.classifier_names)
+  return jax.device_put(state, state_sharding)
+
+
+def state_from_workdir(config, state, classifier_names: tuple[str, ...]):
+  """Starts from another run's parameters and BN statistics (e.g. AFEW from DFEW fold 1); fresh optimizer.
+  With `init_from.reset_classifier`, the model's `classifier_names` keep their fresh initialisation."""
+  source = Checkpoints(config.init_from.workdir, read_only=True)
+  step = config.init_from.step if config.init_from.step >= 0 else (source.best_step() or source.latest_step())
+  if step is None:
+    raise FileNotFoundError(f'config.init_from.workdir={config.init_from.workdir!r} holds no checkpoint')
+  saved_config = source.saved_config(step)
+  if saved_config.get('model_name') != config.model_name:
+    raise ValueError(f'config.init_from.workdir={config.init_from.workdir!r} holds a {saved_config.get("model_name")!r} '
+                     f'model, this run trains {config.model_name!r}')
+  saved = source.restore_arrays(step)
+  source.close()
+  wanted = {'params': state.params, 'batch_stats': state.batch_stats}
+  saved = {'params': saved['params'], 'batch_stats': saved.get('batch_stats', {})}
+  if config.init_from.reset_classifier:
+    for collection in saved.values():
+      for name in classifier_names:
+        collection.pop(name, None)
+    kept = {c: {k: v for k, v in wanted[c].items() if k not in classifier_names} for c in wanted}
+  else:
+    kept = wanted
+  check_compatible(abstract_shapes(saved), abstract_shapes(kept),
+                   what=f'config.init_from.workdir={config.init_from.workdir!r} step {step}')
+  merged = {c: {**flax.core.unfreeze(wanted[c]), **saved[c]} for c in wanted}
+  merged = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), merged, wanted)
+  if jax.process_index() == 0:
+    print(f'initialised from {config.init_from.workdir} step {step}'
+          f'{" (classifier reset)" if config.init_from.reset_classifier else ""}', flush=True)
+  return state.replace(params=merged['params'], batch_stats=merged['batch_stats'])
+
+
+def restore_for_evaluation(checkpoints: Checkpoints, step: int, abstract_state):
+  """The parameters and BN statistics of a saved train state, checked against and placed like `abstract_state`
+  (an optimizer-free evaluation state), without building an optimizer to restore into."""
+  saved = checkpoints.restore_arrays(step)
+  saved = {'params': saved['params'], 'batch_stats': saved.get('batch_stats', {})}
+  wanted = {'params': abstract_state.params, 'batch_stats': abstract_state.batch_stats}
+  check_compatible(abstract_shapes(saved), abstract_shapes(wanted), what=f'checkpoint {checkpoints.directory}/{step}')
+  placed = jax.tree.map(lambda x, target: jax.device_put(np.asarray(x, target.dtype), target.sharding), saved, wanted)
+  return abstract_state.replace(**placed)

@@ -9,7 +9,6 @@ import json
 import os
 
 from absl import app, flags
-import jax
 import ml_collections
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A dferjax workdir to re-evaluate.')
@@ -33,7 +32,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = None, data_dir: str | None = None) -> dict:
   """Restores one checkpoint of `workdir` and evaluates it on a split; returns the metrics."""
   from dferjax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
-  from dferjax import sharding, train  # pylint: disable=import-outside-toplevel
+  from dferjax import train  # pylint: disable=import-outside-toplevel
   from dferjax.data import datasets  # pylint: disable=import-outside-toplevel
   config = load_run_config(workdir)
   if data_dir:
@@ -49,10 +48,8 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
       raise ValueError(f'--step {chosen}: {workdir} holds steps {checkpoints.all_steps()}')
   if chosen is None:
     raise FileNotFoundError(f'{workdir} holds no checkpoint')
-  model = train.build_model(config)
-  tx = train.create_optimizer(config.optimizer, train.learning_rate_schedule(config.optimizer, 1, config.num_epochs))
-  steps = train.compile_steps(config, model, tx, sharding.make_mesh(), jax.random.key(config.seed))
-  state = checkpoints.restore(chosen, steps.abstract_state)
+  steps = train.make_steps(config, steps_per_epoch=None)  # evaluation only: no optimizer
+  state = checkpoint_lib.restore_for_evaluation(checkpoints, chosen, steps.abstract_state)
   checkpoints.close()
   source = datasets.data_source(config.dataset.name, split or config.dataset.eval_split, config.dataset.data_dir)
   result = train.evaluate(steps, state, config, source)
@@ -63,7 +60,7 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
 def main(argv):
   del argv
   from dferjax import reports  # pylint: disable=import-outside-toplevel
-  from dferjax.configlib import CLASS_NAMES  # pylint: disable=import-outside-toplevel
+  from tfds_builders.labels import CLASS_NAMES  # pylint: disable=import-outside-toplevel
   if bool(_WORKDIR.value) == bool(_FOLDS.value):
     raise app.UsageError('give exactly one of --workdir and --folds')
   if _WORKDIR.value:

@@ -5,7 +5,8 @@ mean of the per-class recalls), both computed over the whole test split. Both fo
 matrix, so eval steps only return `confusion_matrix(...)`, the loop sums it over batches, and the host turns
 the sum into numbers once per evaluation.
 """
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+import dataclasses
 import warnings
 
 import jax
@@ -92,3 +93,45 @@ def recall_metrics(confusion, class_names: Sequence[str], *, allow_empty: bool =
       'per_class': {name: float(recall) for name, recall in zip(class_names, per_class)},
       'num_clips': num_clips,
   }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation heads beyond the emotion classes.
+
+# Keys of an eval result that a head's name may not take.
+RESULT_KEYS = ('uar', 'war', 'per_class', 'confusion', 'num_clips', 'step', 'epoch', 'classes')
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricHead:
+  """An evaluation head a model adds to the emotion classes (AEN's 3 emotion groups, EST's snippet order,
+  NR-DFERNet's filtered prediction): its own confusion matrix, UAR, WAR and per-class recall.
+
+  The head's prediction is `aux[output]` (logits [batch, classes] or class ids [batch]); its truth is the batch
+  field `labels`, mapped through `label_map` when given (true class = label_map[batch[labels]]).
+  """
+  output: str
+  class_names: tuple[str, ...]
+  labels: str = 'label'
+  label_map: tuple[int, ...] = ()
+
+
+def check_heads(heads: Mapping[str, MetricHead]):
+  if clash := sorted(set(heads) & set(RESULT_KEYS)):
+    raise ValueError(f'metric head names {clash} clash with eval result keys {RESULT_KEYS}')
+
+
+def head_confusions(logits: jax.Array, aux: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
+                    heads: Mapping[str, MetricHead], num_classes: int) -> dict[str, jax.Array]:
+  """{'classes': the emotion confusion [C, C], head name: its confusion} of one batch (padding masked)."""
+  mask = batch.get('mask')
+  confusions = {'classes': confusion_matrix(logits, batch['label'], mask, num_classes)}
+  for name, head in heads.items():
+    if head.output not in aux or head.labels not in batch:
+      raise ValueError(f'metric head {name!r} reads aux[{head.output!r}] and batch[{head.labels!r}]; the model '
+                       f'gives aux {sorted(aux)} and the batch has {sorted(batch)}')
+    labels = batch[head.labels]
+    if head.label_map:
+      labels = jnp.asarray(head.label_map, jnp.int32)[labels]
+    confusions[name] = confusion_matrix(aux[head.output], labels, mask, len(head.class_names))
+  return confusions

@@ -21,9 +21,7 @@ from flax.training import train_state
 
 from dferjax import checkpoint as checkpoint_lib
 from dferjax import losses, metrics, models, sharding, writers
-
-# Top-level parameter collections that hold a model's classifier (dropped by `init_from.reset_classifier`).
-CLASSIFIER_NAMES = ('head',)
+from dferjax.data import inputs, sampling
 
 
 class TrainState(train_state.TrainState):
@@ -35,7 +33,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Optimizer and loss.
+# Optimizer.
 
 
 def learning_rate_schedule(optimizer: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int) -> optax.Schedule:
@@ -79,19 +77,8 @@ def create_optimizer(optimizer: ml_collections.ConfigDict, schedule: optax.Sched
   return optax.chain(*parts)
 
 
-def loss_function(loss: ml_collections.ConfigDict) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """Per-example loss `(logits [b, C], labels [b]) -> [b]` named by the config (STT Tab. 2 rows)."""
-  if loss.name == 'compact':
-    return functools.partial(losses.compact_softmax_cross_entropy, beta=loss.beta)
-  if loss.name == 'cross_entropy':
-    return losses.cross_entropy
-  if loss.name == 'label_smoothing':
-    return functools.partial(losses.label_smoothed_cross_entropy, smoothing=loss.label_smoothing)
-  raise ValueError(f"config.loss.name={loss.name!r}: expected 'compact', 'cross_entropy' or 'label_smoothing'")
-
-
 # ---------------------------------------------------------------------------------------------------------
-# State and steps.
+# Model, state and steps.
 
 
 def build_model(config: ml_collections.ConfigDict):
@@ -104,218 +91,173 @@ def build_model(config: ml_collections.ConfigDict):
 
 
 def video_shape(config: ml_collections.ConfigDict, batch_size: int) -> tuple[int, ...]:
-  if config.input.sampler == 'segments':
-    num_frames = config.input.num_segments * config.input.frames_per_segment
-  elif config.input.sampler == 'snippets':
-    num_frames = config.input.num_snippets * config.input.frames_per_snippet
-  else:
-    raise ValueError(f"config.input.sampler={config.input.sampler!r}: expected 'segments' or 'snippets'")
+  num_frames = sampling.make_sampler(config.input.sampler).num_output_frames
   return (batch_size, num_frames, config.input.image_size, config.input.image_size, 3)
 
 
+def check_frames(model, config: ml_collections.ConfigDict):
+  """A model with a frame count must get as many frames as the sampler gives, named before anything compiles."""
+  num_frames = sampling.make_sampler(config.input.sampler).num_output_frames
+  if getattr(model, 'num_frames', num_frames) != num_frames:
+    raise ValueError(f'config.model.num_frames={model.num_frames} but config.input.sampler '
+                     f'({dict(config.input.sampler)}) gives {num_frames} frames per clip: make them agree')
+
+
+class EvalState(flax.struct.PyTreeNode):
+  """What evaluation needs of a trained state: no optimizer."""
+  params: Any
+  batch_stats: Any
+
+
 def create_train_state(model, tx, rng, input_shape) -> TrainState:
-  variables = model.init({'params': rng, 'dropout': rng, 'drop_path': rng},
-                         jnp.zeros(input_shape, jnp.float32), train=False)
+  variables = init_variables(model, rng, input_shape)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
                            batch_stats=variables.get('batch_stats', {}), tx=tx)
 
 
-def init_train_accumulator() -> dict[str, jax.Array]:
-  return {'loss_sum': jnp.zeros((), jnp.float32), 'correct': jnp.zeros((), jnp.int32),
-          'count': jnp.zeros((), jnp.int32), 'first_nonfinite_step': jnp.full((), -1, jnp.int32)}
+def create_eval_state(model, rng, input_shape) -> EvalState:
+  variables = init_variables(model, rng, input_shape)
+  return EvalState(params=variables['params'], batch_stats=variables.get('batch_stats', {}))
 
 
-def train_step(state: TrainState, accumulator: dict, batch: dict, *, rng: jax.Array, loss_fn, dtype) -> tuple[TrainState, dict]:
-  """One SGD step on a global batch; metrics are summed into `accumulator` on device (no host sync)."""
+def init_variables(model, rng, input_shape):
+  rngs = {'params': rng, **{stream: rng for stream in model.rng_streams}}
+  return model.init(rngs, jnp.zeros(input_shape, jnp.float32), train=False)
+
+
+def init_train_accumulator(loss_terms: tuple[str, ...]) -> dict[str, Any]:
+  """Sums on device since the last log: the loss, accuracy and every loss term (times clips), the clip count."""
+  sums = {name: jnp.zeros((), jnp.float32) for name in ('loss', 'accuracy', *loss_terms)}
+  return {'sums': sums, 'count': jnp.zeros((), jnp.int32), 'first_nonfinite_step': jnp.full((), -1, jnp.int32)}
+
+
+def train_step(state: TrainState, accumulator: dict, batch: dict, *, model, loss_fn, rng: jax.Array,
+               dtype) -> tuple[TrainState, dict]:
+  """One optimizer step on a global batch; metrics are summed into `accumulator` on device (no host sync).
+
+  `loss_fn(logits, aux, batch) -> (total [batch], {term: [batch]})` sees the model's auxiliary outputs and
+  every batch field; the model draws from its declared RNG streams, one key per stream and step.
+  """
   step_rng = jax.random.fold_in(rng, state.step)
-  dropout_rng, drop_path_rng = jax.random.split(step_rng)
+  rngs = dict(zip(model.rng_streams, jax.random.split(step_rng, len(model.rng_streams))))
   video = batch['video'].astype(dtype) / 255  # uint8 crosses the host link; scaling happens here
 
   def loss_of(params):
-    (logits, _), updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, video, train=True,
-        rngs={'dropout': dropout_rng, 'drop_path': drop_path_rng}, mutable=['batch_stats'])
+    (logits, aux), updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, video, train=True,
+                                         rngs=rngs, mutable=['batch_stats'])
     logits = logits.astype(jnp.float32)
-    return loss_fn(logits, batch['label']).mean(), (logits, updates)
+    total, terms = loss_fn(logits, aux, batch)
+    return total.mean(), (logits, terms, updates)
 
-  (loss, (logits, updates)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+  (loss, (logits, terms, updates)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads, batch_stats=updates.get('batch_stats', state.batch_stats))
-  finite = jnp.isfinite(loss)
+  count = batch['label'].shape[0]
+  batch_sums = {'loss': loss * count, 'accuracy': (logits.argmax(-1) == batch['label']).sum().astype(jnp.float32),
+                **{name: value.sum() for name, value in terms.items()}}
   first_bad = accumulator['first_nonfinite_step']
   accumulator = {
-      'loss_sum': accumulator['loss_sum'] + loss * batch['label'].shape[0],
-      'correct': accumulator['correct'] + (logits.argmax(-1) == batch['label']).sum(),
-      'count': accumulator['count'] + batch['label'].shape[0],
-      'first_nonfinite_step': jnp.where((first_bad < 0) & ~finite, state.step.astype(jnp.int32), first_bad),
+      'sums': {name: accumulator['sums'][name] + batch_sums[name] for name in accumulator['sums']},
+      'count': accumulator['count'] + count,
+      'first_nonfinite_step': jnp.where((first_bad < 0) & ~jnp.isfinite(loss), state.step.astype(jnp.int32),
+                                        first_bad),
   }
   return new_state, accumulator
 
 
-def eval_step(state: TrainState, confusion: jax.Array, batch: dict, *, dtype, num_classes: int) -> jax.Array:
+def eval_step(state, confusions: dict, batch: dict, *, model, heads, dtype, num_classes: int) -> dict:
+  """Adds one batch to the confusion matrix of every head ('classes': the emotions; the model's metric heads)."""
   video = batch['video'].astype(dtype) / 255
-  logits, _ = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, video, train=False)
-  return confusion + metrics.confusion_matrix(logits, batch['label'], batch['mask'], num_classes)
+  logits, aux = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, video, train=False)
+  batch_confusions = metrics.head_confusions(logits, aux, batch, heads, num_classes)
+  return jax.tree.map(jnp.add, confusions, batch_confusions)
 
 
 @dataclasses.dataclass
 class Steps:
-  """The jitted steps of a run and the shardings they use."""
-  init: Callable
-  train: Callable
-  eval: Callable
+  """A model's jitted steps, built from a config by `make_steps`, and what they need around them."""
+  model: Any
+  loss: Any  # None for evaluation only
+  heads: dict  # name -> metrics.MetricHead, besides the emotion classes
+  init: Callable  # rng -> a state born sharded
+  train: Callable | None  # (state, accumulator, batch) -> (state, accumulator); None for evaluation only
+  eval: Callable  # (state, confusions, batch) -> confusions
+  schedule: Callable | None  # step -> learning rate
   state_sharding: Any
   batch_sharding: Any
   replicated: Any
-  abstract_state: Any
+  abstract_state: Any  # ShapeDtypeStructs with shardings: the restore target
+
+  def init_accumulator(self) -> dict:
+    return jax.device_put(init_train_accumulator(self.loss.terms), self.replicated)
+
+  def init_confusions(self, num_classes: int) -> dict:
+    sizes = {'classes': num_classes, **{name: len(head.class_names) for name, head in self.heads.items()}}
+    return jax.device_put({name: jnp.zeros((n, n), jnp.int32) for name, n in sizes.items()}, self.replicated)
 
 
-def compile_steps(config, model, tx, mesh, rng) -> Steps:
+def make_steps(config: ml_collections.ConfigDict, *, steps_per_epoch: int | None, mesh=None) -> Steps:
+  """The one way to build a config's model, loss, optimizer and jitted steps (trainer, evaluate, tests, benchmarks).
+
+  steps_per_epoch: sets the learning-rate schedule; None builds evaluation only (no optimizer, no train step).
+  """
+  mesh = mesh or sharding.make_mesh()
   replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   dtype = jnp.dtype(config.dtype)
-  init = functools.partial(create_train_state, model, tx, input_shape=video_shape(config, 1))
+  model = build_model(config)
+  check_frames(model, config)
+  heads = model.metric_heads()
+  metrics.check_heads(heads)
+  rng = jax.random.key(config.seed)
+  input_shape = video_shape(config, 1)
+  training = steps_per_epoch is not None
+  loss = schedule = train = None
+  if training:
+    loss = losses.build_loss(config.loss)
+    if clash := sorted(set(loss.terms) & {'loss', 'accuracy', 'learning_rate'}):
+      raise ValueError(f'loss terms {clash} clash with the logged train metrics')
+    schedule = learning_rate_schedule(config.optimizer, steps_per_epoch, config.num_epochs)
+    init = functools.partial(create_train_state, model, create_optimizer(config.optimizer, schedule),
+                             input_shape=input_shape)
+  else:
+    init = functools.partial(create_eval_state, model, input_shape=input_shape)
   abstract_state = jax.eval_shape(init, rng)  # shapes only, no memory
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
-  train = jax.jit(
-      functools.partial(train_step, rng=rng, loss_fn=loss_function(config.loss), dtype=dtype),
-      in_shardings=(state_sharding, replicated, batch_sharding),
-      out_shardings=(state_sharding, replicated), donate_argnums=(0, 1))
-  evaluate = jax.jit(
-      functools.partial(eval_step, dtype=dtype, num_classes=config.num_classes),
+  if training:
+    train = jax.jit(
+        functools.partial(train_step, model=model, loss_fn=loss, rng=rng, dtype=dtype),
+        in_shardings=(state_sharding, replicated, batch_sharding),
+        out_shardings=(state_sharding, replicated), donate_argnums=(0, 1))
+  evaluate_fn = jax.jit(
+      functools.partial(eval_step, model=model, heads=heads, dtype=dtype, num_classes=config.num_classes),
       in_shardings=(state_sharding, replicated, batch_sharding), out_shardings=replicated, donate_argnums=1)
-  return Steps(init=jax.jit(init, out_shardings=state_sharding), train=train, eval=evaluate,
-               state_sharding=state_sharding, batch_sharding=batch_sharding, replicated=replicated,
-               abstract_state=jax.tree.map(
-                   lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Data.
-
-
-def data_sources(config):
-  from dferjax.data import datasets  # pylint: disable=import-outside-toplevel
-  if config.dataset.synthetic.generate_if_missing:
-    ensure_synthetic_dataset(config)
-  train = datasets.data_source(config.dataset.name, config.dataset.train_split, config.dataset.data_dir)
-  evaluation = datasets.data_source(config.dataset.name, config.dataset.eval_split, config.dataset.data_dir)
-  return train, evaluation
-
-
-def ensure_synthetic_dataset(config):
-  """Writes the synthetic DFEW-layout clips and builds the TFDS dataset the config names, if missing (demo)."""
-  from dferjax.data import build, synthetic  # pylint: disable=import-outside-toplevel
-  settings = config.dataset.synthetic
-  manual_dir = settings.manual_dir or os.path.join(config.dataset.data_dir, 'manual', 'synthetic_dfew')
-  wanted = {'clips_per_class': settings.clips_per_class, 'seed': settings.seed}
-  marker = os.path.join(manual_dir, 'synthetic.json')
-  if jax.process_index() == 0:
-    if os.path.isfile(marker):
-      with open(marker) as f:
-        written = json.load(f)
-      if written != wanted:
-        raise ValueError(f'{manual_dir} holds a synthetic dataset written with {written}, but the config asks for '
-                         f'{wanted}: give another config.dataset.data_dir, or delete {config.dataset.data_dir}')
-    else:
-      print(f'writing the synthetic DFEW-layout dataset to {manual_dir}', flush=True)
-      synthetic.write_dfew(manual_dir, **wanted)
-      with open(marker, 'w') as f:
-        json.dump(wanted, f)
-    builder_name, builder_config = config.dataset.name.split('/')
-    build.build(builder_name, manual_dir=manual_dir, data_dir=config.dataset.data_dir, configs=[builder_config])
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices('synthetic dataset ready')
-
-
-def train_iterator(config, source, local_batch_size: int):
-  from dferjax.data import pipeline  # pylint: disable=import-outside-toplevel
-  dataset = pipeline.train_dataset(
-      source, sampler=pipeline.make_sampler(config.input, train=True), augment=config.input.augment,
-      image_size=config.input.image_size, batch_size=local_batch_size, seed=config.seed,
-      shard_index=jax.process_index(), shard_count=jax.process_count(),
-      class_balanced=config.input.class_balanced, num_threads=config.input.num_threads,
-      prefetch=config.input.prefetch)
-  return iter(dataset)
-
-
-def eval_iterator(config, source, local_batch_size: int):
-  from dferjax.data import pipeline  # pylint: disable=import-outside-toplevel
-  return pipeline.eval_batches(
-      source, sampler=pipeline.make_sampler(config.input, train=False), image_size=config.input.image_size,
-      batch_size=local_batch_size, shard_index=jax.process_index(), shard_count=jax.process_count())
+  return Steps(model=model, loss=loss, heads=heads, init=jax.jit(init, out_shardings=state_sharding), train=train,
+               eval=evaluate_fn, schedule=schedule, state_sharding=state_sharding, batch_sharding=batch_sharding,
+               replicated=replicated,
+               abstract_state=jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                           abstract_state, state_sharding))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation.
 
 
-def evaluate(steps: Steps, state: TrainState, config, source) -> dict[str, Any]:
-  """UAR, WAR, per-class recall and the confusion matrix over a whole split (one host sync)."""
+def evaluate(steps: Steps, state, config, source) -> dict[str, Any]:
+  """UAR, WAR, per-class recall and the confusion matrix over a whole split (one host sync), and the same under
+  its own name for each of the model's metric heads."""
   local_batch_size = sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
-  confusion = jax.device_put(jnp.zeros((config.num_classes, config.num_classes), jnp.int32), steps.replicated)
-  for batch in eval_iterator(config, source, local_batch_size):
-    confusion = steps.eval(state, confusion, sharding.to_global(batch, steps.batch_sharding))
-  confusion = np.asarray(jax.device_get(confusion))
-  result = metrics.recall_metrics(confusion, config.class_names, allow_empty=True)
-  result['confusion'] = confusion.tolist()
+  confusions = steps.init_confusions(config.num_classes)
+  for batch in inputs.eval_iterator(config, source, local_batch_size):
+    confusions = steps.eval(state, confusions, sharding.to_global(batch, steps.batch_sharding))
+  confusions = jax.device_get(confusions)
+  result = head_result(confusions['classes'], config.class_names)
+  for name, head in steps.heads.items():
+    result[name] = head_result(confusions[name], head.class_names)
   return result
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Starting points: resume, pretrained backbone, another run's checkpoint.
-
-
-def initial_state(config, steps: Steps, rng) -> TrainState:
-  state = steps.init(rng)
-  if config.init_from.backbone:
-    from dferjax import convert  # pylint: disable=import-outside-toplevel
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    variables = convert.merge_backbone(variables, convert.load_backbone(config.init_from.backbone))
-    state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
-  if config.init_from.workdir:
-    state = state_from_workdir(config, state)
-  return jax.device_put(state, steps.state_sharding)
-
-
-def state_from_workdir(config, state: TrainState) -> TrainState:
-  """Starts from another run's parameters and BN statistics (e.g. AFEW from DFEW fold 1); fresh optimizer."""
-  source = checkpoint_lib.Checkpoints(config.init_from.workdir, read_only=True)
-  step = config.init_from.step if config.init_from.step >= 0 else (source.best_step() or source.latest_step())
-  if step is None:
-    raise FileNotFoundError(f'config.init_from.workdir={config.init_from.workdir!r} holds no checkpoint')
-  saved_config = source.saved_config(step)
-  if saved_config.get('model_name') != config.model_name:
-    raise ValueError(f'config.init_from.workdir={config.init_from.workdir!r} holds a {saved_config.get("model_name")!r} '
-                     f'model, this run trains {config.model_name!r}')
-  saved = source.restore_arrays(step)
-  source.close()
-  wanted = {'params': state.params, 'batch_stats': state.batch_stats}
-  saved = {'params': saved['params'], 'batch_stats': saved.get('batch_stats', {})}
-  if config.init_from.reset_classifier:
-    for collection in saved.values():
-      for name in CLASSIFIER_NAMES:
-        collection.pop(name, None)
-    kept = {c: {k: v for k, v in wanted[c].items() if k not in CLASSIFIER_NAMES} for c in wanted}
-  else:
-    kept = wanted
-  checkpoint_lib.check_compatible(checkpoint_lib.abstract_shapes(saved), checkpoint_lib.abstract_shapes(kept),
-                                  what=f'config.init_from.workdir={config.init_from.workdir!r} step {step}')
-  merged = {c: {**flax.core.unfreeze(wanted[c]), **saved[c]} for c in wanted}
-  merged = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), merged, wanted)
-  if jax.process_index() == 0:
-    print(f'initialised from {config.init_from.workdir} step {step}'
-          f'{" (classifier reset)" if config.init_from.reset_classifier else ""}', flush=True)
-  return state.replace(params=merged['params'], batch_stats=merged['batch_stats'])
-
-
-def check_resumable(config_json: dict, saved_config: dict, directory: str):
-  """Refuses to resume a workdir written by another model: the config holds what the arrays cannot say."""
-  for field in ('model_name', 'model', 'num_classes'):
-    saved = saved_config.get(field)
-    current = config_json[field]
-    if saved != current:
-      raise ValueError(f'{directory} holds a checkpoint with config.{field}={saved!r}, but this run has '
-                       f'{current!r}: use another --workdir, or the same config to resume')
+def head_result(confusion, class_names) -> dict[str, Any]:
+  confusion = np.asarray(confusion)
+  return {**metrics.recall_metrics(confusion, class_names, allow_empty=True), 'confusion': confusion.tolist()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,32 +268,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final eval metrics."""
   os.makedirs(workdir, exist_ok=True)
   is_chief = jax.process_index() == 0
-  mesh = sharding.make_mesh()
-  rng = jax.random.key(config.seed)
+  checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric)
+  start_step = checkpoints.latest_step()
+  config_json = checkpoint_lib.config_to_json(config)
+  if start_step is None:
+    checkpoint_lib.check_starting_point(config)
+  else:
+    checkpoint_lib.check_resumable(config_json, checkpoints.saved_config(start_step), checkpoints.directory)
 
-  train_source, eval_source = data_sources(config)
+  train_source, eval_source = inputs.data_sources(config)
   steps_per_epoch = config.steps_per_epoch if config.steps_per_epoch > 0 else len(train_source) // config.batch_size
   if steps_per_epoch < 1:
     raise ValueError(f'the train split has {len(train_source)} clips, fewer than config.batch_size={config.batch_size}')
   total_steps = steps_per_epoch * config.num_epochs
   local_batch_size = sharding.check_batch_size(config.batch_size)
+  steps = make_steps(config, steps_per_epoch=steps_per_epoch)
 
-  model = build_model(config)
-  schedule = learning_rate_schedule(config.optimizer, steps_per_epoch, config.num_epochs)
-  tx = create_optimizer(config.optimizer, schedule)
-  steps = compile_steps(config, model, tx, mesh, rng)
-
-  checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric)
-  config_json = checkpoint_lib.config_to_json(config)
-  train_iter = train_iterator(config, train_source, local_batch_size)
-  start_step = checkpoints.latest_step()
+  train_iter = inputs.train_iterator(config, train_source, local_batch_size)
   if start_step is not None:
-    check_resumable(config_json, checkpoints.saved_config(start_step), checkpoints.directory)
     state = checkpoints.restore(start_step, steps.abstract_state, train_iter)
     if is_chief:
       print(f'resumed from {checkpoints.directory} at step {start_step}', flush=True)
   else:
-    state = initial_state(config, steps, rng)
+    state = checkpoint_lib.initial_state(config, steps.init(jax.random.key(config.seed)), steps.model,
+                                         steps.state_sharding)
     start_step = 0
 
   writer = writers.MetricWriter(workdir, enabled=is_chief)
@@ -359,7 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(config_json, f, indent=2)
 
-  accumulator = jax.device_put(init_train_accumulator(), steps.replicated)
+  accumulator = steps.init_accumulator()
   epoch_totals = EpochTotals()
   last_eval: dict[str, Any] = {}
   step = start_step
@@ -380,9 +320,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       end_of_epoch = step % steps_per_epoch == 0
       checkpoint_now = end_of_epoch or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
       if end_of_epoch or checkpoint_now or step % config.log_every_steps == 0:
-        train_metrics = epoch_totals.add(_fetch_train_sums(accumulator, step))
-        accumulator = jax.device_put(init_train_accumulator(), steps.replicated)
-        train_metrics['learning_rate'] = float(schedule(step - 1))
+        train_metrics = epoch_totals.add(fetch_train_sums(accumulator, step))
+        accumulator = steps.init_accumulator()
+        train_metrics['learning_rate'] = float(steps.schedule(step - 1))
         writer.write(step=step, epoch=step / steps_per_epoch, split='train', values=train_metrics)
         progress.set_postfix(loss=train_metrics['loss'])
       if end_of_epoch:
@@ -396,7 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         progress.close()
         if is_chief:
           print(writers.epoch_summary_line(epoch, {**epoch_totals.means(), 'learning_rate': train_metrics['learning_rate']},
-                                           eval_metrics, seconds,
+                                           eval_metrics, seconds, eval_split=config.dataset.eval_split,
                                            clips_per_second=(step - epoch_start_step) * config.batch_size / seconds),
                 flush=True)
         checkpoints.save(step, state, train_iter, config_json,
@@ -415,12 +355,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   best_step = checkpoints.best_step()
   checkpoints.close()
   if is_chief:
-    write_final_reports(workdir, config, last_eval, best_step)
+    write_final_reports(workdir, config, last_eval, best_step, list(steps.heads))
   writer.close()
   return last_eval
 
 
-def _fetch_train_sums(accumulator: dict, step: int) -> dict[str, float]:
+def fetch_train_sums(accumulator: dict, step: int) -> dict[str, float]:
   """The one host sync per logging interval; stops the run on a non-finite loss before anything is saved."""
   values = jax.device_get(accumulator)
   first_bad = int(values['first_nonfinite_step'])
@@ -429,18 +369,18 @@ def _fetch_train_sums(accumulator: dict, step: int) -> dict[str, float]:
         f'the training loss became non-finite at step {first_bad + 1} (between the last log and step {step}); '
         'stopping without saving, so the last checkpoint stays the last good state. Lower '
         'config.optimizer.learning_rate, set config.optimizer.grad_clip_norm, or use config.dtype=float32.')
-  return {k: float(values[k]) for k in ('loss_sum', 'correct', 'count')}
+  return {'count': float(values['count']), **{name: float(value) for name, value in values['sums'].items()}}
 
 
 class EpochTotals:
   """Host-side sums of the train metrics since the epoch began; `add` returns the interval's means."""
 
   def __init__(self):
-    self.sums = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
+    self.sums: dict[str, float] = {}
 
   def add(self, interval: dict[str, float]) -> dict[str, float]:
-    for key in self.sums:
-      self.sums[key] += interval[key]
+    for key, value in interval.items():
+      self.sums[key] = self.sums.get(key, 0.0) + value
     return self._means(interval)
 
   def means(self) -> dict[str, float]:
@@ -448,19 +388,21 @@ class EpochTotals:
 
   @staticmethod
   def _means(sums):
-    count = max(sums['count'], 1)
-    return {'loss': sums['loss_sum'] / count, 'accuracy': sums['correct'] / count}
+    count = max(sums.get('count', 0.0), 1)
+    return {key: value / count for key, value in sums.items() if key != 'count'}
 
 
-def write_final_reports(workdir: str, config, last_eval: dict, best_step: int | None):
-  from dferjax import reports  # pylint: disable=import-outside-toplevel
+def write_final_reports(workdir: str, config, last_eval: dict, best_step: int | None, head_names: list[str]):
+  """results.json (the last and the best evaluation, every head) and the confusion-matrix and curve plots."""
+  from dferjax import plots  # pylint: disable=import-outside-toplevel  # matplotlib only at the end
   records = writers.read_records(workdir)
   eval_records = [r for r in records if r.get('split') == config.dataset.eval_split]
   best = max(eval_records, key=lambda r: r[config.best_metric]) if eval_records else last_eval
-  reports.plot_confusion_matrix(np.asarray(best['confusion']), config.class_names,
-                                os.path.join(workdir, 'confusion_matrix.png'))
-  reports.plot_learning_curves(records, os.path.join(workdir, 'learning_curves.png'))
-  summary = {'last': {k: last_eval[k] for k in ('uar', 'war', 'per_class')},
-             'best': {k: best[k] for k in ('uar', 'war', 'per_class', 'epoch')}, 'best_step': best_step}
+  plots.plot_confusion_matrix(np.asarray(best['confusion']), config.class_names,
+                              os.path.join(workdir, 'confusion_matrix.png'))
+  plots.plot_learning_curves(records, os.path.join(workdir, 'learning_curves.png'))
+  keys = ('uar', 'war', 'per_class', *head_names)
+  summary = {'last': {k: last_eval[k] for k in keys},
+             'best': {k: best[k] for k in (*keys, 'epoch') if k in best}, 'best_step': best_step}
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(summary, f, indent=2)

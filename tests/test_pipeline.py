@@ -351,9 +351,56 @@ def test_corrupt_jpeg_names_clip_and_frame():
 
 
 def test_make_sampler_from_config_fields():
-  config = {'sampler': 'segments', 'num_segments': 4, 'frames_per_segment': 3, 'short_clip_fallback': 'edge'}
-  assert pipeline.make_sampler(config, train=True) == sampling.SegmentSampler(4, 3, 'edge')
-  assert pipeline.make_sampler({**config, 'sampler': 'snippets'}) == sampling.SnippetSampler()
+  config = {'name': 'segments', 'num_segments': 4, 'frames_per_segment': 3, 'short_clip_fallback': 'edge'}
+  assert sampling.make_sampler(config) == sampling.SegmentSampler(4, 3, 'edge')
+  assert sampling.make_sampler({'name': 'snippets', 'frames_per_snippet': 2}) == sampling.SnippetSampler(
+      frames_per_snippet=2)
+  with pytest.raises(ValueError, match=r"\['num_segments'\] are not fields of the 'snippets' sampler"):
+    sampling.make_sampler({'name': 'snippets', 'num_segments': 4})
+
+
+def test_shuffle_snippets_permutes_whole_snippets_and_adds_the_index():
+  video = np.repeat(np.arange(14, dtype=np.uint8), 4).reshape(14, 1, 2, 2)  # 7 snippets x 2 frames, frame k = k
+  transform, = pipeline.make_clip_transforms({'shuffle_snippets': {}})
+  element = {'video': video, 'label': np.int32(3), 'mask': np.bool_(True)}
+  drawn = set()
+  for seed in range(40):
+    out = transform.random_map(element, np.random.default_rng(seed))
+    order = pipeline.EST_PERMUTATIONS[int(out['permutation'])]
+    want = np.concatenate([video[2 * k:2 * k + 2] for k in order])
+    np.testing.assert_array_equal(out['video'], want)
+    assert out['label'] == 3 and out['permutation'].dtype == np.int32
+    drawn.add(int(out['permutation']))
+  assert len(drawn) > 5  # uniform over the 10 orders
+  assert int(transform.random_map(element, None)['permutation']) == 0  # evaluation: fixed
+  with pytest.raises(ValueError, match='not a clip transform'):
+    pipeline.make_clip_transforms({'shuffle': {}})
+  with pytest.raises(ValueError, match=r"\['count'\] are not ShuffleSnippets fields"):
+    pipeline.make_clip_transforms({'shuffle_snippets': {'count': 3}})
+
+
+def test_clip_transform_fields_reach_train_and_eval_batches_with_resumable_state():
+  source, _ = make_sources(num_clips=5, lengths=[30, 40, 50, 60, 70])
+  sampler = {'name': 'snippets', 'frames_per_snippet': 1}
+  transforms = {'shuffle_snippets': {}}
+  dataset = pipeline.train_dataset(source, sampler=sampler, augment='none', image_size=16, batch_size=2, seed=0,
+                                   num_threads=0, transforms=transforms)
+  iterator = iter(dataset)
+  next(iterator)
+  state = iterator.get_state()
+  expected = [next(iterator) for _ in range(2)]
+  restored = iter(dataset)
+  restored.set_state(state)
+  for want in expected:
+    got = next(restored)
+    assert set(got) == {'video', 'label', 'mask', 'permutation'}
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  assert expected[0]['video'].shape == (2, 7, 16, 16, 3) and expected[0]['permutation'].shape == (2,)
+  batches = list(pipeline.eval_batches(source, sampler=sampler, image_size=16, batch_size=4, num_threads=0,
+                                       transforms=transforms))
+  assert [b['mask'].tolist() for b in batches] == [[True] * 4, [True, False, False, False]]
+  assert all((b['permutation'] == 0).all() for b in batches)
 
 
 def test_bench_input_quick_runs(tmp_path):

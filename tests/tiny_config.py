@@ -10,11 +10,14 @@ def get_config(arg=None):
                       drop_path_rate=0.1, backbone_stage=3, backbone_width=8)
   config.dataset.name = 'dfew/fold1_px32'
   config.dataset.data_dir = ''  # the tests set it
-  config.input.num_segments = 2
-  config.input.frames_per_segment = 2
+  config.input.sampler = configlib.segment_sampler(num_segments=2, frames_per_segment=2)
   config.input.image_size = 32
+  config.input.augment = 'stt'
   config.input.num_threads = 2
+  config.loss = dict(name='compact', beta=0.2)
   config.optimizer.learning_rate = 0.01
+  config.optimizer.weight_decay = 1e-4
+  config.optimizer.schedule = 'step'
   config.optimizer.step_epochs = 2
   config.num_epochs = args.epochs
   config.batch_size = 4

@@ -5,17 +5,19 @@ import numpy as np
 from dferjax import sharding, train
 
 
+def random_batch(config, batch_size: int, rng: np.random.Generator) -> dict:
+  return {'video': rng.integers(0, 256, size=train.video_shape(config, batch_size), dtype=np.uint8),
+          'label': rng.integers(0, config.num_classes, size=batch_size).astype(np.int32),
+          'mask': np.ones(batch_size, bool)}
+
+
 def run_random_steps(config, num_steps: int = 3, batch_size: int = 4):
   """Returns (state, accumulator) after `num_steps` train steps on seeded random batches."""
-  model = train.build_model(config)
-  tx = train.create_optimizer(config.optimizer, train.learning_rate_schedule(config.optimizer, 3, 3))
-  rng = jax.random.key(0)
-  steps = train.compile_steps(config, model, tx, sharding.make_mesh(), rng)
-  state = steps.init(rng)
-  accumulator = jax.device_put(train.init_train_accumulator(), steps.replicated)
+  steps = train.make_steps(config, steps_per_epoch=3)
+  state = steps.init(jax.random.key(config.seed))
+  accumulator = steps.init_accumulator()
   data = np.random.default_rng(0)
   for _ in range(num_steps):
-    batch = {'video': data.integers(0, 256, size=train.video_shape(config, batch_size), dtype=np.uint8),
-             'label': data.integers(0, 7, size=batch_size).astype(np.int32), 'mask': np.ones(batch_size, bool)}
+    batch = random_batch(config, batch_size, data)
     state, accumulator = steps.train(state, accumulator, sharding.to_global(batch, steps.batch_sharding))
   return state, accumulator

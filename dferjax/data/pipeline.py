@@ -1,15 +1,18 @@
 """Grain input pipelines: a random-access source of clip records -> batches (contracts.md).
 
 Record in: {'frames': JPEG bytes per frame or uint8 [num_frames, size, size, 3], 'label', 'clip_id', 'num_frames'}.
-Batch out: {'video': uint8 [batch, frames, height, width, 3], 'label': int32 [batch], 'mask': bool [batch]}.
+Batch out: {'video': uint8 [batch, frames, height, width, 3], 'label': int32 [batch], 'mask': bool [batch]}, plus
+the fields that clip transforms add (e.g. ShuffleSnippets' 'permutation' int32 [batch]); the trainer shards every
+field along the batch axis.
 
 Stages (each a grain transform, usable alone): ReadRecord (index -> record) -> SampleFrames (frame indices, keeps
 only the sampled frames, still encoded) -> DecodeFrames (JPEG -> uint8 RGB, only those frames) -> Augment
-(recipe of dferjax.data.augment) -> ToBatchFields. Random stages draw from grain's per-position generators, so
+(recipe of dferjax.data.augment) -> ToBatchFields -> clip transforms (CLIP_TRANSFORMS, configured by
+`config.input.transforms`, which may add batch fields). Random stages draw from grain's per-position generators, so
 a seed and a step always give the same batch, whatever the thread count, and the iterator state (a position)
 restores the exact next batch.
 
-    it = iter(train_dataset(source, sampler='segments', augment='stt', image_size=112, batch_size=32, seed=0))
+    it = iter(train_dataset(source, sampler={'name': 'segments'}, augment='stt', image_size=112, batch_size=32, seed=0))
     batch = next(it); state = it.get_state()  # JSON-able; or grain.checkpoint.CheckpointSave(it) in orbax
     for batch in eval_batches(source, image_size=112, batch_size=64): ...  # 'mask' False on padding rows
 """
@@ -27,27 +30,15 @@ from dferjax.data import sampling
 Sampler = sampling.SegmentSampler | sampling.SnippetSampler
 RECORD_KEYS = ('frames', 'label', 'clip_id')
 
+# EST's 10 fixed orders of 7 snippets (its datasets/permutation_10.npy, refs.md §1.7).
+EST_PERMUTATIONS = ((0, 4, 3, 2, 6, 1, 5), (5, 3, 1, 6, 4, 0, 2), (0, 4, 3, 5, 2, 6, 1), (5, 4, 3, 2, 1, 0, 6),
+                    (5, 1, 2, 4, 0, 6, 3), (0, 5, 2, 6, 4, 1, 3), (3, 1, 5, 0, 6, 2, 4), (2, 3, 0, 4, 1, 6, 5),
+                    (5, 0, 4, 1, 3, 2, 6), (0, 3, 2, 6, 4, 5, 1))
+
 
 def clip_name(record) -> str:
   clip_id = record.get('clip_id', '?')
   return clip_id.decode() if isinstance(clip_id, bytes) else str(clip_id)
-
-
-def make_sampler(spec, train: bool | None = None) -> Sampler:
-  """A sampler from an instance, a name ('segments' | 'snippets') or a config with those fields.
-
-  A config (e.g. `config.input`) gives `sampler` and, for 'segments', `num_segments`, `frames_per_segment`,
-  `short_clip_fallback`. `train` is accepted for call-site symmetry only: train_dataset draws random offsets
-  and eval_batches centred ones from the same sampler.
-  """
-  del train
-  if isinstance(spec, (str, sampling.SegmentSampler, sampling.SnippetSampler)):
-    return sampling.make_sampler(spec)
-  name = spec['sampler']
-  if name == 'segments':
-    return sampling.SegmentSampler(num_segments=spec['num_segments'], frames_per_segment=spec['frames_per_segment'],
-                                   short_clip_fallback=spec['short_clip_fallback'])
-  return sampling.make_sampler(name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -155,6 +146,59 @@ class ToBatchFields(grain.transforms.Map):
     return {'video': element['video'], 'label': np.int32(element['label']), 'mask': np.bool_(True)}
 
 
+@dataclasses.dataclass(frozen=True)
+class ShuffleSnippets(grain.transforms.RandomMap):
+  """Reorders a snippet-sampled clip's snippets by one of a fixed set of permutations and adds the permutation's
+  index as the batch field 'permutation' int32 [] (EST's self-supervised snippet-order task, refs.md §1.7).
+
+  Slot j of the output holds snippet permutations[k][j] of the input. Training draws k uniformly per clip;
+  evaluation (rng None) takes k = 0, so a split is always scored on the same shuffles.
+  """
+  num_snippets: int = 7
+  permutations: tuple = EST_PERMUTATIONS
+
+  def __post_init__(self):
+    table = np.asarray(self.permutations)
+    if table.ndim != 2 or table.shape[1] != self.num_snippets or \
+        (np.sort(table, axis=1) != np.arange(self.num_snippets)).any():
+      raise ValueError(f'ShuffleSnippets: permutations must be rows of a permutation of range({self.num_snippets}), '
+                       f'got shape {table.shape}')
+
+  def random_map(self, element, rng: np.random.Generator | None):
+    video = element['video']
+    if len(video) % self.num_snippets:
+      raise ValueError(f'ShuffleSnippets: {len(video)} frames do not split into num_snippets={self.num_snippets}')
+    index = 0 if rng is None else int(rng.integers(len(self.permutations)))
+    snippets = video.reshape(self.num_snippets, -1, *video.shape[1:])
+    shuffled = snippets[np.asarray(self.permutations[index])].reshape(video.shape)
+    return {**element, 'video': shuffled, 'permutation': np.int32(index)}
+
+
+# Clip transforms a config may name (`config.input.transforms = {name: {field: value}}`), applied in that order
+# to each clip's batch fields, after augmentation.
+CLIP_TRANSFORMS = {'shuffle_snippets': ShuffleSnippets}
+
+
+def make_clip_transforms(spec) -> tuple:
+  """Transforms from `config.input.transforms` ({name: {fields}}), validated against each transform's fields."""
+  transforms = []
+  for name, fields in dict(spec or {}).items():
+    if name not in CLIP_TRANSFORMS:
+      raise ValueError(f'config.input.transforms.{name}: not a clip transform; valid: {sorted(CLIP_TRANSFORMS)}')
+    cls = CLIP_TRANSFORMS[name]
+    valid = sorted(field.name for field in dataclasses.fields(cls))
+    fields = dict(fields or {})
+    if unknown := sorted(set(fields) - set(valid)):
+      raise ValueError(f'config.input.transforms.{name}: {unknown} are not {cls.__name__} fields; valid: {valid}')
+    transforms.append(cls(**{key: _frozen(value) for key, value in fields.items()}))
+  return tuple(transforms)
+
+
+def _frozen(value):
+  """Lists (as a config holds them) -> tuples, so transforms stay hashable frozen dataclasses."""
+  return tuple(_frozen(item) for item in value) if isinstance(value, (list, tuple)) else value
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class DrawClassBalanced(grain.transforms.RandomMap):
   """Ignores its input; draws a record index with probability proportional to 1 / (its class's count).
@@ -191,29 +235,35 @@ def _check_sharding(shard_index, shard_count):
 
 
 def _train_stages(records: grain.MapDataset, source, sampler: Sampler, recipe: str, image_size: int,
-                  interpolation: str) -> grain.MapDataset:
-  """Record indices -> batch-field dicts, with random offsets and augmentation."""
-  return (records.map(ReadRecord(source))
-          .random_map(SampleFrames(sampler, train=True))
-          .map(DecodeFrames())
-          .random_map(Augment(recipe, image_size, interpolation))
-          .map(ToBatchFields()))
+                  interpolation: str, transforms: tuple) -> grain.MapDataset:
+  """Record indices -> batch-field dicts, with random offsets, augmentation and the clip transforms."""
+  clips = (records.map(ReadRecord(source))
+           .random_map(SampleFrames(sampler, train=True))
+           .map(DecodeFrames())
+           .random_map(Augment(recipe, image_size, interpolation))
+           .map(ToBatchFields()))
+  for transform in transforms:
+    clips = clips.random_map(transform)
+  return clips
 
 
 def train_dataset(source, *, sampler='segments', augment: str = 'stt', image_size: int = 112, batch_size: int,
                   seed: int, shard_index: int = 0, shard_count: int = 1, class_balanced: bool = False,
                   labels=None, interpolation: str = 'antialias', num_threads: int = 8,
-                  prefetch: int = 4) -> grain.IterDataset:
+                  prefetch: int = 4, transforms=None) -> grain.IterDataset:
   """Infinite training batches of this host's records: uint8 video [batch_size, F, image_size, image_size, 3].
 
   Host `shard_index` of `shard_count` (jax.process_index/count) reads records shard_index::shard_count, shuffled
   anew each epoch (or class-balanced draws), with random offsets and `augment`; batches never mix in padding
   (drop_remainder). Seeds combine `seed` and `shard_index`, so hosts draw differently.
+  sampler: a sampler, its name, or `{name, **fields}` (sampling.make_sampler).
   class_balanced: labels [len(source)] if given, else read once from the source (see read_labels).
+  transforms: clip transforms, or their config `{name: {fields}}` (make_clip_transforms).
   num_threads: grain reader threads (cv2 releases the GIL); prefetch: batches buffered ahead.
   """
   _check_sharding(shard_index, shard_count)
-  sampler = make_sampler(sampler)
+  sampler = sampling.make_sampler(sampler)
+  transforms = _as_transforms(transforms)
   host_seed = int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
   records = grain.MapDataset.range(len(source))[shard_index::shard_count].seed(host_seed)
   if len(records) == 0:
@@ -226,9 +276,15 @@ def train_dataset(source, *, sampler='segments', augment: str = 'stt', image_siz
     records = records.repeat(None).random_map(DrawClassBalanced.from_labels(labels[host_records], host_records))
   else:
     records = records.shuffle().repeat(None)
-  clips = _train_stages(records, source, sampler, augment, image_size, interpolation)
+  clips = _train_stages(records, source, sampler, augment, image_size, interpolation, transforms)
   read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch * batch_size)
   return clips.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True)
+
+
+def _as_transforms(transforms) -> tuple:
+  if transforms is None or isinstance(transforms, tuple):
+    return transforms or ()
+  return make_clip_transforms(transforms)
 
 
 def num_eval_batches(num_records: int, batch_size: int, shard_count: int = 1) -> int:
@@ -238,38 +294,44 @@ def num_eval_batches(num_records: int, batch_size: int, shard_count: int = 1) ->
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EvalClip(grain.transforms.Map):
-  """Position -> batch fields of record records[position] (test offsets, resize only), or a padding clip
-  (zero video, label 0, mask False) past the end: the same stages as training, chained by hand."""
+  """Position -> batch fields of record records[position] (test offsets, resize only, the clip transforms in
+  their evaluation mode), or a padding clip (zero video, label 0, mask False) past the end: the same stages
+  as training, chained by hand."""
   source: Any
   records: np.ndarray  # int64 [num_records_of_this_host]
   sampler: Sampler
   image_size: int
   interpolation: str = 'antialias'
+  transforms: tuple = ()
 
   def map(self, position):
     if position >= len(self.records):
       shape = (self.sampler.num_output_frames, self.image_size, self.image_size, 3)
-      return {'video': np.zeros(shape, np.uint8), 'label': np.int32(0), 'mask': np.bool_(False)}
-    record = ReadRecord(self.source).map(self.records[position])
-    element = SampleFrames(self.sampler, train=False).random_map(record, None)
-    element = DecodeFrames().map(element)
-    element = Augment('none', self.image_size, self.interpolation).random_map(element, None)
-    return ToBatchFields().map(element)
+      element = {'video': np.zeros(shape, np.uint8), 'label': np.int32(0), 'mask': np.bool_(False)}
+    else:
+      record = ReadRecord(self.source).map(self.records[position])
+      element = SampleFrames(self.sampler, train=False).random_map(record, None)
+      element = DecodeFrames().map(element)
+      element = Augment('none', self.image_size, self.interpolation).random_map(element, None)
+      element = ToBatchFields().map(element)
+    for transform in self.transforms:  # padding rows get every field too
+      element = transform.random_map(element, None)
+    return element
 
 
 def eval_batches(source, *, sampler='segments', image_size: int = 112, batch_size: int, shard_index: int = 0,
                  shard_count: int = 1, interpolation: str = 'antialias', num_threads: int = 8,
-                 prefetch: int = 2) -> grain.IterDataset:
+                 prefetch: int = 2, transforms=None) -> grain.IterDataset:
   """Every record exactly once over all hosts, test offsets, resize only; iterate it once per evaluation.
 
   Host `shard_index` reads records shard_index::shard_count. Every host yields num_eval_batches(len(source),
   batch_size, shard_count) batches (the global batch is assembled from all hosts); padding rows have zero
-  video, label 0 and mask False.
+  video, label 0 and mask False. `sampler` and `transforms` as in train_dataset.
   """
   _check_sharding(shard_index, shard_count)
   records = np.arange(shard_index, len(source), shard_count)
   num_clips = num_eval_batches(len(source), batch_size, shard_count) * batch_size
-  clips = grain.MapDataset.range(num_clips).map(EvalClip(source, records, make_sampler(sampler), image_size,
-                                                          interpolation))
+  clips = grain.MapDataset.range(num_clips).map(EvalClip(source, records, sampling.make_sampler(sampler), image_size,
+                                                          interpolation, _as_transforms(transforms)))
   read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch * batch_size)
   return clips.to_iter_dataset(read_options).batch(batch_size)

@@ -14,6 +14,7 @@ then build with `python scripts/build_dataset.py --dataset dfew --manual_dir /tm
 """
 import argparse
 import dataclasses
+import json
 import os
 import pathlib
 
@@ -302,6 +303,28 @@ def write_ferv39k(out, clips_per_class: int = 10, seed: int = 0, *,
     lines = [f"{c['clip_id']} {EMOTION_NAMES[c['label']]}\n" for c in clips if c['split'] == split]
     (setups / f'{split}_All.csv').write_text(''.join(lines))
   return clips
+
+
+def ensure_built(name: str, data_dir: str, *, manual_dir: str = '', clips_per_class: int = 40, seed: int = 0):
+  """Writes the synthetic DFEW-layout clips (once) and builds the TFDS dataset `name` (e.g. 'dfew/fold1_px48')
+  from them if it is missing: the demo config's first run. A folder written with other settings is refused."""
+  from dferjax.data import build  # pylint: disable=import-outside-toplevel  # tfds only when building
+  manual_dir = manual_dir or os.path.join(data_dir, 'manual', 'synthetic_dfew')
+  wanted = {'clips_per_class': clips_per_class, 'seed': seed}
+  marker = os.path.join(manual_dir, 'synthetic.json')
+  if os.path.isfile(marker):
+    with open(marker) as f:
+      written = json.load(f)
+    if written != wanted:
+      raise ValueError(f'{manual_dir} holds a synthetic dataset written with {written}, but the config asks for '
+                       f'{wanted}: give another config.dataset.data_dir, or delete {data_dir}')
+  else:
+    print(f'writing the synthetic DFEW-layout dataset to {manual_dir}', flush=True)
+    write_dfew(manual_dir, **wanted)
+    with open(marker, 'w') as f:
+      json.dump(wanted, f)
+  builder_name, builder_config = name.split('/')
+  build.build(builder_name, manual_dir=manual_dir, data_dir=data_dir, configs=[builder_config])
 
 
 WRITERS = {'dfew': write_dfew, 'afew': write_afew, 'ferv39k': write_ferv39k}

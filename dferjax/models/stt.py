@@ -9,7 +9,7 @@ Tokens stay as `[batch, frames, positions, dim]` (+ the class token `[batch, dim
 patch-major token list `[batch, 1 + positions * frames, dim]` is only a different memory order of the same
 numbers (dferjax/reference/torch_stt.py, tested to 1e-4).
 """
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -77,9 +77,16 @@ class STT(nn.Module):
   attention_impl: str = 'xla'  # 'cudnn': flash attention on GPU, needs dtype bfloat16
   max_pool_impl: str = 'reduce_window'  # the backbone stem's max-pool: or 'slices' (resnet.max_pool_3x3_stride_2)
 
+  rng_streams: ClassVar[tuple[str, ...]] = ('drop_path',)  # the RNGs a training forward pass draws from
+  classifier_names: ClassVar[tuple[str, ...]] = ('head',)  # top-level parameters init_from.reset_classifier drops
+
+  def metric_heads(self) -> dict:
+    return {}  # one head: the emotion classes
+
   @nn.compact
   def __call__(self, video: jax.Array, *, train: bool):
-    """video: [batch, frames, height, width, 3] in [0, 1] -> (logits [batch, num_classes] float32, {})."""
+    """video: [batch, frames, height, width, 3] in [0, 1] -> (logits [batch, num_classes] float32,
+    {'features': the normalised class token [batch, embed_dim]})."""
     if video.ndim != 5 or video.shape[1] != self.num_frames or video.shape[-1] != 3:
       raise ValueError(f'STT expects video [batch, {self.num_frames}, height, width, 3] '
                        f'(num_frames={self.num_frames}), got shape {video.shape}')
@@ -114,4 +121,4 @@ class STT(nn.Module):
                              name='norm')(cls_token)
     logits = layers.torch_dense(self.num_classes, self.embed_dim, dtype=dtype,
                                 param_dtype=self.param_dtype, name='head')(cls_token)  # Eq. (13)
-    return logits.astype(jnp.float32), {}
+    return logits.astype(jnp.float32), {'features': cls_token}

@@ -1,0 +1,46 @@
+"""What a run reads, from its config: the data sources and the grain iterators the trainer and `evaluate` use.
+
+    config.input.sampler = dict(name='segments', num_segments=8, frames_per_segment=2, short_clip_fallback='zeros')
+    config.input.transforms = {}  # {name: {fields}} of pipeline.CLIP_TRANSFORMS, e.g. {'shuffle_snippets': {}}
+
+A config whose `dataset` holds a `synthetic` block (the demo) writes and builds the synthetic dataset first.
+"""
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from dferjax.data import datasets, pipeline
+
+
+def data_sources(config: ml_collections.ConfigDict):
+  """(train, eval) random-access sources of `config.dataset`."""
+  if 'synthetic' in config.dataset:
+    if jax.process_index() == 0:
+      from dferjax.data import synthetic  # pylint: disable=import-outside-toplevel
+      synthetic.ensure_built(config.dataset.name, config.dataset.data_dir, **config.dataset.synthetic)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices('synthetic dataset ready')
+  train = datasets.data_source(config.dataset.name, config.dataset.train_split, config.dataset.data_dir)
+  evaluation = datasets.data_source(config.dataset.name, config.dataset.eval_split, config.dataset.data_dir)
+  return train, evaluation
+
+
+def train_iterator(config: ml_collections.ConfigDict, source, local_batch_size: int):
+  """This host's infinite training batches; its state goes into every checkpoint."""
+  dataset = pipeline.train_dataset(
+      source, sampler=config.input.sampler.to_dict(), augment=config.input.augment,
+      image_size=config.input.image_size, batch_size=local_batch_size, seed=config.seed,
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      class_balanced=config.input.class_balanced, num_threads=config.input.num_threads,
+      prefetch=config.input.prefetch, transforms=config.input.transforms.to_dict())
+  return iter(dataset)
+
+
+def eval_iterator(config: ml_collections.ConfigDict, source, local_batch_size: int):
+  """This host's share of one pass over the eval split (padding rows masked)."""
+  return pipeline.eval_batches(
+      source, sampler=config.input.sampler.to_dict(), image_size=config.input.image_size,
+      batch_size=local_batch_size, shard_index=jax.process_index(), shard_count=jax.process_count(),
+      transforms=config.input.transforms.to_dict())
