@@ -1,5 +1,6 @@
 """Shared benchmark helpers: machine and version facts, a windowed timing loop, XLA FLOPs and peak-FLOP/s
-tables, the largest-batch search, JSON and table output (scripts/bench_train.py, scripts/bench_input.py).
+tables, the largest-batch search, JSON and table output (scripts/bench_train.py and its PyTorch side
+dferjax/reference/torch_bench.py, scripts/bench_input.py); jax is imported only where a helper needs it.
 
 Timing syncs once per window of several steps (`time_windows`), never per step, so an accelerator's queue
 stays full as in a real training loop; the figure is the median over windows of the per-step time.
@@ -114,6 +115,11 @@ def time_windows(step: Callable[[], Any], sync: Callable[[], Any], *, steps: int
     remaining -= count
   return {'step_time_s': statistics.median(per_step), 'window_step_times_s': per_step, 'timed_steps': steps,
           'steps_per_window': window, 'warmup_steps': warmup}
+
+
+def throughput(timing: dict[str, Any], batch_size: int) -> dict[str, Any]:
+  """`time_windows`' timing with the clips per second it implies."""
+  return {**timing, 'clips_per_s': batch_size / timing['step_time_s']}
 
 
 def largest_fitting(fits: Callable[[int], bool], start: int, *, multiple: int = 1,

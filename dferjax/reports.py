@@ -22,13 +22,23 @@ def _check_rows(results: Mapping[str, Mapping], class_names: Sequence[str]) -> N
       raise ValueError(f"results for {name!r}: per_class lacks {missing} (has {sorted(result['per_class'])})")
 
 
+def head_names(results: Mapping[str, Mapping]) -> list[str]:
+  """The metric heads (nested {'uar', 'war', ...} results, e.g. EST's 'order') that every row has."""
+  rows = list(results.values())
+  return [name for name, value in rows[0].items()
+          if writers.is_head_result(value) and all(writers.is_head_result(row.get(name)) for row in rows)]
+
+
 def _per_fold_columns(results: Mapping[str, Mapping], class_names: Sequence[str]) -> dict[str, np.ndarray]:
-  """{'per_class/<name>', 'uar', 'war'} -> float64 [folds]; a class with no clips (None) -> nan."""
+  """{'per_class/<name>', 'uar', 'war', '<head>/uar', '<head>/war'} -> float64 [folds]; None -> nan."""
   _check_rows(results, class_names)
   as_float = lambda value: math.nan if value is None else float(value)
   columns = {f'per_class/{name}': np.array([as_float(r['per_class'][name]) for r in results.values()])
              for name in class_names}
   columns.update({key: np.array([as_float(r[key]) for r in results.values()]) for key in ('uar', 'war')})
+  for head in head_names(results):
+    columns.update({f'{head}/{key}': np.array([as_float(r[head][key]) for r in results.values()])
+                    for key in ('uar', 'war')})
   return columns
 
 
@@ -38,8 +48,9 @@ def _reduce_folds(results, class_names, reduce) -> dict:
   # nan-aware: a fold whose class had no clips (allow_empty) does not count for that class.
   reduced = {key: float(reduce(values[~np.isnan(values)])) if (~np.isnan(values)).any() else math.nan
              for key, values in columns.items()}
+  heads = {head: {key: reduced[f'{head}/{key}'] for key in ('uar', 'war')} for head in head_names(results)}
   return {'uar': reduced['uar'], 'war': reduced['war'],
-          'per_class': {name: reduced[f'per_class/{name}'] for name in class_names}}
+          'per_class': {name: reduced[f'per_class/{name}'] for name in class_names}, **heads}
 
 
 def fold_mean(results: Mapping[str, Mapping], class_names: Sequence[str] | None = None) -> dict:
@@ -62,15 +73,19 @@ def format_results_table(rows: Mapping[str, Mapping], class_names: Sequence[str]
 
   `rows`: row name (fold1..fold5) -> {'uar', 'war', 'per_class'} as fractions. With `with_mean`, 'mean' and
   'std' rows over the given rows follow. Columns keep `class_names`' order (canonical: happy, sad, neutral,
-  angry, surprise, disgust, fear, as in the papers' tables).
+  angry, surprise, disgust, fear, as in the papers' tables). A model's metric heads that every row has (nested
+  {'uar', 'war'} results) add '<head> UAR' and '<head> WAR' columns.
   """
   columns = _per_fold_columns(rows, class_names)
-  table = [[name, *(columns[f'per_class/{c}'][i] for c in class_names), columns['uar'][i], columns['war'][i]]
-           for i, name in enumerate(rows)]
+  heads = head_names(rows)
+  head_keys = [f'{head}/{key}' for head in heads for key in ('uar', 'war')]
+  table = [[name, *(columns[f'per_class/{c}'][i] for c in class_names), columns['uar'][i], columns['war'][i],
+            *(columns[key][i] for key in head_keys)] for i, name in enumerate(rows)]
   if with_mean:
     for name, reduced in (('mean', fold_mean(rows, class_names)), ('std', fold_std(rows, class_names))):
-      table.append([name, *(reduced['per_class'][c] for c in class_names), reduced['uar'], reduced['war']])
-  header = ['', *class_names, 'UAR', 'WAR']
+      table.append([name, *(reduced['per_class'][c] for c in class_names), reduced['uar'], reduced['war'],
+                    *(reduced[head][key] for head in heads for key in ('uar', 'war'))])
+  header = ['', *class_names, 'UAR', 'WAR', *(f'{head} {key.upper()}' for head in heads for key in ('uar', 'war'))]
   cells = [[row[0], *('-' if math.isnan(value) else f'{100 * value:.{digits}f}' for value in row[1:])]
            for row in table]
   widths = [max(len(str(line[column])) for line in [header, *cells]) for column in range(len(header))]
@@ -93,7 +108,8 @@ def collect_fold_results(workdirs: Sequence[str | os.PathLike], metric: str = 'b
   the number without selection on test.
 
   Returns fold name (`fold_names`, default fold1..foldN in `workdirs` order) -> {'uar', 'war',
-  'per_class' (None -> nan), 'confusion' int64 [C, C], 'num_clips', 'epoch', 'step', 'workdir'}.
+  'per_class' (None -> nan), 'confusion' int64 [C, C], 'num_clips', 'epoch', 'step', 'workdir', and each metric
+  head's nested result under its name}.
   Raises FileNotFoundError listing every workdir without results.
   """
   if metric not in ('best', 'last'):
@@ -119,6 +135,7 @@ def collect_fold_results(workdirs: Sequence[str | os.PathLike], metric: str = 'b
         'per_class': {name: math.nan if recall is None else recall for name, recall in chosen['per_class'].items()},
         'confusion': np.asarray(chosen['confusion'], np.int64), 'num_clips': chosen['num_clips'],
         'epoch': chosen['epoch'], 'step': chosen['step'], 'workdir': str(workdir),
+        **{head: chosen[head] for head in head_names({fold_name: chosen})},
     }
   if problems:
     raise FileNotFoundError('fold workdirs without results:\n  ' + '\n  '.join(problems))

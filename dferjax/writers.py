@@ -6,12 +6,15 @@
                  (int at epoch ends; train records may carry fractional epochs), 'wall_time': unix seconds.
   train records  scalar metrics, e.g. 'loss', 'learning_rate', 'clips_per_second'.
   eval records   'uar', 'war' (fractions), 'per_class' {class name: recall, null for a class with no clips},
-                 'confusion' [[int]] (rows = true class, columns = predicted), 'num_clips', optionally 'loss'.
+                 'confusion' [[int]] (rows = true class, columns = predicted), 'num_clips', optionally 'loss';
+                 and for each metric head of the model (metrics.MetricHead), '<head>': the same fields for
+                 that head's classes (EST's 'order', AEN's emotion groups).
 
 `MetricWriter.write_eval` builds eval records from a confusion matrix, so every producer agrees on this
 layout and `reports.collect_fold_results` can rely on it. TensorBoard events go to `workdir/tensorboard`:
 scalars as '{split}/{name}', per-class recall as '{split}/recall/{class}', the confusion matrix as the
-image '{split}/confusion'.
+image '{split}/confusion'; a metric head's as '{split}/{head}/{name}', '{split}/{head}/recall/{class}' and
+'{split}/{head}/confusion'.
 
 Restarts: a run killed after its last checkpoint has logged steps that the resumed run logs again.
 `truncate_after(step)` (or `resume_step=`) drops JSONL records past the restored step and makes TensorBoard
@@ -60,6 +63,11 @@ def _is_scalar(value) -> bool:
   if isinstance(value, (np.ndarray, np.generic, jax.Array)):
     return np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number)
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_head_result(value) -> bool:
+  """A metric head's nested eval result ({'uar', 'war', 'per_class', ...}) inside an eval record."""
+  return isinstance(value, Mapping) and 'war' in value and 'per_class' in value
 
 
 def _drop_torn_tail(path: pathlib.Path) -> None:
@@ -190,19 +198,26 @@ class MetricWriter:
 
   def _write_tensorboard(self, split: str, step: int, values: Mapping[str, Any], record: dict) -> None:
     summary_writer = self._tensorboard()
+    self._write_tensorboard_values(summary_writer, split, step, values, record)
+    for name, value in values.items():
+      if is_head_result(value):  # a model's metric head: its scalars, recalls and confusion under its name
+        self._write_tensorboard_values(summary_writer, f'{split}/{name}', step, value, record[name])
+    summary_writer.flush()
+
+  def _write_tensorboard_values(self, summary_writer, prefix: str, step: int, values: Mapping[str, Any],
+                                record: dict) -> None:
     for name, value in values.items():
       if _is_scalar(value):
-        summary_writer.add_scalar(f'{split}/{name}', float(value), step)
+        summary_writer.add_scalar(f'{prefix}/{name}', float(value), step)
     per_class = record.get('per_class')
     if isinstance(per_class, dict):
       for name, recall in per_class.items():
         if recall is not None:  # None: a class with no clips
-          summary_writer.add_scalar(f'{split}/recall/{name}', recall, step)
+          summary_writer.add_scalar(f'{prefix}/recall/{name}', recall, step)
       if self._confusion_images and record.get('confusion') is not None:
         from dferjax import plots  # pylint: disable=g-import-not-at-top  # matplotlib only when drawing
         figure = plots.confusion_figure(np.asarray(record['confusion']), list(per_class))
-        summary_writer.add_image(f'{split}/confusion', plots.render_rgb(figure), step, dataformats='HWC')
-    summary_writer.flush()
+        summary_writer.add_image(f'{prefix}/confusion', plots.render_rgb(figure), step, dataformats='HWC')
 
   def write_eval(self, step: int, epoch: float, confusion, class_names: Sequence[str], *, split: str = 'test',
                  allow_empty: bool = False, **extra_values) -> dict:
@@ -314,6 +329,8 @@ def epoch_summary_line(epoch: int, train_metrics: Mapping[str, Any] | None, eval
   if train_metrics:
     parts.append('train ' + scalars(train_metrics.items()))
   if eval_metrics:
-    parts.append(f'{eval_split} ' + scalars(eval_metrics.items()))
+    heads = [f'{name} ' + scalars((k, v) for k, v in value.items() if k != 'num_clips')
+             for name, value in eval_metrics.items() if is_head_result(value)]
+    parts.append(' '.join([f'{eval_split} ' + scalars(eval_metrics.items()), *heads]))
   parts.append(f'{seconds:.1f} s' + (f', {clips_per_second:.1f} clips/s' if clips_per_second is not None else ''))
   return ' | '.join(parts)

@@ -1,4 +1,5 @@
-"""scripts/bench_train.py end to end (tiny STT, a few steps, torch eager) and the helpers it shares.
+"""scripts/bench_train.py end to end (tiny STT, a few steps, torch eager), its PyTorch side
+(dferjax.reference.torch_bench) and the helpers it shares.
 
 No speed assertions: the figures must exist, be positive, and come from the same weights in both frameworks.
 """
@@ -13,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from dferjax import benchmarking, losses
+from dferjax import benchmarking, losses, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'scripts', 'bench_train.py')
@@ -42,7 +43,8 @@ def test_quick_run_reports_every_figure_from_the_same_weights(tmp_path):
   assert {'python', 'jax', 'jaxlib', 'flax', 'optax', 'torch'} <= set(report['versions'])
   assert report['device']['device_count'] == 2 and report['device']['platform'] == 'cpu'
   assert not report['device']['jax_disable_most_optimizations']
-  assert report['settings']['model'] == 'tiny' and report['settings']['torch'] == ['eager']
+  assert report['settings']['model'] == 'tiny' and report['settings']['model_name'] == 'stt'
+  assert report['settings']['torch'] == ['eager']
   assert report['max_batch']['float32'] == {'skipped': 'CPU (host memory)'}
   # The flax init was copied into the torch model: eval logits agree.
   assert report['torch']['eager']['logit_max_abs_difference'] < 1e-4
@@ -73,12 +75,34 @@ def test_quick_run_reports_every_figure_from_the_same_weights(tmp_path):
 
 def test_torch_compact_loss_matches_dferjax():
   torch = pytest.importorskip('torch')
-  bench_train = load_bench_train()
+  from dferjax.reference import torch_bench  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   logits, labels = rng.normal(size=(6, 7)) * 3, rng.integers(0, 7, size=6)
   want = losses.compact_softmax_cross_entropy(np.float32(logits), labels, beta=0.2)
-  got = bench_train.torch_compact_loss(torch.tensor(logits), torch.tensor(labels), beta=0.2).numpy()
+  got = torch_bench.torch_compact_loss(torch.tensor(logits), torch.tensor(labels), beta=0.2).numpy()
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # The config's loss reaches torch with dferjax's fields and defaults.
+  np.testing.assert_allclose(torch_bench.torch_loss({'name': 'compact'})(torch.tensor(logits), torch.tensor(labels)),
+                             want, rtol=1e-5, atol=1e-6)
+  smoothed = torch_bench.torch_loss({'name': 'label_smoothing', 'smoothing': 0.1})
+  np.testing.assert_allclose(smoothed(torch.tensor(logits), torch.tensor(labels)),
+                             losses.label_smoothed_cross_entropy(np.float32(logits), labels, 0.1), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='no torch transcription'):
+    torch_bench.torch_loss({'name': 'order'})
+
+
+def test_model_name_picks_a_row_and_an_unknown_name_fails_clearly():
+  bench_train = load_bench_train()
+  config = bench_train.bench_config('stt', 'tiny', 'bfloat16', seed=3, max_pool_impl='slices')
+  assert config.model_name == 'stt' and config.dtype == 'bfloat16' and config.seed == 3
+  assert config.model.embed_dim == 32 and config.model.max_pool_impl == 'slices'
+  assert train.video_shape(config, 2) == (2, 4, 32, 32, 3)
+  assert bench_train.bench_config('stt', 'paper', 'float32').model.embed_dim == 512
+  assert set(bench_train.torch_model_fields(config)) == {
+      'num_frames', 'embed_dim', 'num_layers', 'num_heads', 'mlp_ratio', 'drop_path_rate', 'backbone_stage',
+      'backbone_width'}
+  with pytest.raises(ValueError, match=r"'vivit' is not a model; benchmarked models: \['stt'\]"):
+    bench_train.bench_config('vivit', 'tiny', 'float32')
 
 
 @pytest.mark.parametrize('device_kind, dtype, want', [
@@ -159,8 +183,8 @@ def test_cpu_flops_fill_in_what_an_accelerator_leaves_out():
   """On GPU jax gives no cost analysis of the lowered step: the 'flops' worker's CPU lowering fills the
   FLOPs in and MFU follows. The worker's count equals the lowered count the CPU dferjax worker reports."""
   bench_train = load_bench_train()
-  settings = {'model': 'tiny', 'dtypes': ['float32'], 'batch_sizes': [4], 'max_pool_impl': 'reduce_window',
-              'seed': 0}
+  settings = {'model_name': 'stt', 'model': 'tiny', 'dtypes': ['float32'], 'batch_sizes': [4],
+              'attention_impl': 'xla', 'max_pool_impl': 'reduce_window', 'seed': 0}
   flops_output = {}
   for _ in bench_train.run_flops_worker(settings, flops_output):
     pass
@@ -169,8 +193,8 @@ def test_cpu_flops_fill_in_what_an_accelerator_leaves_out():
   assert 2 < train_flops / eval_flops < 4
   # The lowered program is the global one: conftest's 2 devices must not scale the count. The compiled
   # program is one device's share (and optimised, so only close): per clip it is about the same.
-  config = bench_train.bench_config('tiny', 'float32')
-  _, steps, _ = bench_train.build_jax_steps(config, 0)
+  config = bench_train.bench_config('stt', 'tiny', 'float32')
+  steps = train.make_steps(config, steps_per_epoch=bench_train.STEPS_PER_EPOCH)
   jitted, args = bench_train.abstract_step_inputs(config, 4, steps)['train']
   assert jax.device_count() == 2
   per_device_compiled = benchmarking.xla_flops(jitted.lower(*args).compile())

@@ -151,8 +151,8 @@ class ShuffleSnippets(grain.transforms.RandomMap):
   """Reorders a snippet-sampled clip's snippets by one of a fixed set of permutations and adds the permutation's
   index as the batch field 'permutation' int32 [] (EST's self-supervised snippet-order task, refs.md §1.7).
 
-  Slot j of the output holds snippet permutations[k][j] of the input. Training draws k uniformly per clip;
-  evaluation (rng None) takes k = 0, so a split is always scored on the same shuffles.
+  Slot j of the output holds snippet permutations[k][j] of the input, k uniform per clip. In evaluation the
+  generator is seeded by the record's index (EvalClip), so a split is scored on the same shuffles every time.
   """
   num_snippets: int = 7
   permutations: tuple = EST_PERMUTATIONS
@@ -164,11 +164,11 @@ class ShuffleSnippets(grain.transforms.RandomMap):
       raise ValueError(f'ShuffleSnippets: permutations must be rows of a permutation of range({self.num_snippets}), '
                        f'got shape {table.shape}')
 
-  def random_map(self, element, rng: np.random.Generator | None):
+  def random_map(self, element, rng: np.random.Generator):
     video = element['video']
     if len(video) % self.num_snippets:
       raise ValueError(f'ShuffleSnippets: {len(video)} frames do not split into num_snippets={self.num_snippets}')
-    index = 0 if rng is None else int(rng.integers(len(self.permutations)))
+    index = int(rng.integers(len(self.permutations)))
     snippets = video.reshape(self.num_snippets, -1, *video.shape[1:])
     shuffled = snippets[np.asarray(self.permutations[index])].reshape(video.shape)
     return {**element, 'video': shuffled, 'permutation': np.int32(index)}
@@ -294,9 +294,9 @@ def num_eval_batches(num_records: int, batch_size: int, shard_count: int = 1) ->
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EvalClip(grain.transforms.Map):
-  """Position -> batch fields of record records[position] (test offsets, resize only, the clip transforms in
-  their evaluation mode), or a padding clip (zero video, label 0, mask False) past the end: the same stages
-  as training, chained by hand."""
+  """Position -> batch fields of record records[position] (test offsets, resize only, the clip transforms drawing
+  from a generator seeded by the record index), or a padding clip (zero video, label 0, mask False) past the
+  end: the same stages as training, chained by hand."""
   source: Any
   records: np.ndarray  # int64 [num_records_of_this_host]
   sampler: Sampler
@@ -308,14 +308,16 @@ class EvalClip(grain.transforms.Map):
     if position >= len(self.records):
       shape = (self.sampler.num_output_frames, self.image_size, self.image_size, 3)
       element = {'video': np.zeros(shape, np.uint8), 'label': np.int32(0), 'mask': np.bool_(False)}
+      seed = -1
     else:
+      seed = int(self.records[position])
       record = ReadRecord(self.source).map(self.records[position])
       element = SampleFrames(self.sampler, train=False).random_map(record, None)
       element = DecodeFrames().map(element)
       element = Augment('none', self.image_size, self.interpolation).random_map(element, None)
       element = ToBatchFields().map(element)
     for transform in self.transforms:  # padding rows get every field too
-      element = transform.random_map(element, None)
+      element = transform.random_map(element, np.random.default_rng([seed + 1]))
     return element
 
 
