@@ -104,3 +104,32 @@ def test_losses_are_float32_and_finite_for_extreme_bf16_logits():
 def test_bad_shapes_are_rejected():
   with pytest.raises(ValueError, match='labels'):
     losses.cross_entropy(jnp.zeros((4, 7)), jnp.zeros((3,), jnp.int32))
+
+
+def test_registered_losses_return_their_terms_summing_to_the_total(batch):
+  logits, labels = batch
+  permutation = np.arange(16) % 10
+  order_logits = np.random.default_rng(1).normal(size=(16, 10))
+  inputs = (jnp.float32(logits), {'order_logits': jnp.float32(order_logits)},
+            {'label': jnp.int32(labels), 'permutation': jnp.int32(permutation)})
+  for spec in ({'name': 'cross_entropy'}, {'name': 'label_smoothing', 'smoothing': 0.2},
+               {'name': 'compact', 'beta': 0.3}, {'name': 'order', 'order_weight': 0.25}):
+    loss = losses.build_loss(spec)
+    total, terms = loss(*inputs)
+    assert set(terms) == set(loss.terms) and total.shape == (16,)
+    np.testing.assert_allclose(total, sum(terms.values()), rtol=1e-6)
+  _, compact_terms = losses.build_loss({'name': 'compact', 'beta': 0.3})(*inputs)
+  np.testing.assert_allclose(compact_terms['cross_entropy'] + compact_terms['compactness'],
+                             _compact_numpy(logits, labels, 0.3), rtol=1e-5)
+  order_total, _ = losses.build_loss({'name': 'order', 'order_weight': 0.25})(*inputs)
+  ce = lambda z, y: -_log_softmax(z)[np.arange(len(y)), y]
+  np.testing.assert_allclose(order_total, ce(logits, labels) + 0.25 * ce(order_logits, permutation), rtol=1e-5)
+
+
+def test_build_loss_names_unknown_losses_and_fields():
+  with pytest.raises(ValueError, match=r"config.loss.name='focal' not in \['compact', 'cross_entropy'"):
+    losses.build_loss({'name': 'focal'})
+  with pytest.raises(ValueError, match=r"\['beta'\] are not fields of the 'cross_entropy' loss"):
+    losses.build_loss({'name': 'cross_entropy', 'beta': 0.2})
+  with pytest.raises(ValueError, match="aux\\['order_logits'\\]"):
+    losses.build_loss({'name': 'order'})(jnp.zeros((2, 7)), {}, {'label': jnp.zeros(2, jnp.int32)})

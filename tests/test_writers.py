@@ -188,3 +188,15 @@ def test_progress_bar_and_epoch_summary(capsys):
   assert writers.epoch_summary_line(1, {'loss': 2.0}, None, 5.0) == 'epoch 1 | train loss 2 | 5.0 s'
   assert writers.epoch_summary_line(1, None, {'uar': 0.5}, 5.0, eval_split='val', clips_per_second=12.34) == (
       'epoch 1 | val UAR 50.00% | 5.0 s, 12.3 clips/s')
+
+
+def test_metric_heads_get_their_own_scalars_line_and_table_columns(tmp_path):
+  head = {'uar': 0.25, 'war': 0.5, 'per_class': {'0': 0.5, '1': None}, 'confusion': [[1, 1], [0, 0]], 'num_clips': 2}
+  with writers.MetricWriter(tmp_path, enabled=True) as writer:
+    writer.write('test', 10, 1, {'uar': 0.4, 'war': 0.6, 'per_class': {'happy': 0.6}, 'confusion': [[3]],
+                                 'num_clips': 5, 'order': head})
+  found = scalars(read_events(tmp_path / 'tensorboard'))
+  assert found['test/order/war'] == [(10, 0.5)] and found['test/order/recall/0'] == [(10, 0.5)]
+  assert 'test/order/recall/1' not in found and found['test/war'] == [(10, pytest.approx(0.6))]
+  line = writers.epoch_summary_line(1, None, {'uar': 0.4, 'war': 0.6, 'order': head}, 5.0)
+  assert line == 'epoch 1 | test UAR 40.00% WAR 60.00% order UAR 25.00% WAR 50.00% | 5.0 s'
