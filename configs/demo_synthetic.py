@@ -5,7 +5,10 @@
 On first use it writes the synthetic clips (DFEW's on-disk layout, classes that differ by how a drawn face
 moves) to data/tfds/manual/synthetic_dfew and builds them as the TFDS dataset `dfew/fold1_px48`, through the
 same builder and grain pipeline that serve the real DFEW. Arguments: model ('stt': STT with a narrow backbone
-and two blocks on 8 frames of 48 px), epochs.
+and two blocks on 8 frames of 48 px; 'nr_dfernet': a narrow NR-DFERNet, one spatial and two temporal
+encoders), epochs.
+
+    python -m dferjax.main --config configs/demo_synthetic.py:model=nr_dfernet --workdir runs/demo_nr_dfernet
 """
 import ml_collections
 
@@ -14,6 +17,14 @@ from dferjax import configlib
 DEMO_MODELS = {
     'stt': dict(num_frames=8, embed_dim=64, num_layers=2, num_heads=4, mlp_ratio=2.0, drop_path_rate=0.1,
                 backbone_stage=3, backbone_width=16),
+    # 48 px: 3 x 3 stem maps, 2 x 2 after DSF, 256-d frame vectors; 3 snippets of 3 over the 7 vectors.
+    'nr_dfernet': dict(num_frames=8, stem_width=16, num_dynamic_blocks=3, num_spatial_layers=1,
+                       num_temporal_layers=2, num_heads=4, head_dim=16, spatial_mlp_dim=64, temporal_mlp_dim=128),
+}
+# Each model's own loss and input recipe (the paper's), on the demo's data and schedule.
+DEMO_RECIPES = {
+    'stt': dict(loss=dict(name='compact', beta=0.2), augment='stt'),
+    'nr_dfernet': dict(loss=dict(name='cross_entropy'), augment='nr_dfernet'),
 }
 
 
@@ -30,9 +41,9 @@ def get_config(arg=None):
   config.dataset.synthetic = ml_collections.ConfigDict(dict(manual_dir='', clips_per_class=100, seed=0))
   config.input.sampler = configlib.segment_sampler(num_segments=4, frames_per_segment=2)
   config.input.image_size = 48
-  config.input.augment = 'stt'
+  config.input.augment = DEMO_RECIPES[args.model]['augment']
   config.input.num_threads = 2
-  config.loss = dict(name='compact', beta=0.2)
+  config.loss = DEMO_RECIPES[args.model]['loss']
   config.optimizer.name = 'adam'
   config.optimizer.learning_rate = 1e-3
   config.optimizer.weight_decay = 0.0

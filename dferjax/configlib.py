@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.dataset.data_dir = 'data/tfds'
   config.dataset.train_split = 'train'
   config.dataset.eval_split = 'test'
+  config.dataset.min_frames = 0  # > 1: leave out clips with fewer frames, in both splits (NR-DFERNet: 16)
 
   config.input = ml_collections.ConfigDict()
   # {name, **fields} of dferjax.data.sampling.SAMPLERS: 'segments' (dynamic sampling) or 'snippets'.
@@ -71,9 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.learning_rate = 0.01
   config.optimizer.momentum = 0.9
   config.optimizer.weight_decay = 0.0  # coupled L2 as PyTorch's SGD/Adam weight_decay
-  config.optimizer.schedule = 'constant'  # 'step', 'cosine', 'constant'
+  config.optimizer.schedule = 'constant'  # 'step', 'cosine', 'exponential', 'constant'
   config.optimizer.step_epochs = 0  # 'step': lr * step_factor every step_epochs epochs
   config.optimizer.step_factor = 0.1
+  config.optimizer.decay_rate = 1.0  # 'exponential': lr * decay_rate ** epoch
   config.optimizer.warmup_epochs = 0
   config.optimizer.cosine_epochs = 0  # T_max of the cosine; 0 = num_epochs
   config.optimizer.grad_clip_norm = 0.0  # 0 = off

@@ -33,7 +33,7 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
   """Restores one checkpoint of `workdir` and evaluates it on a split; returns the metrics."""
   from dferjax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from dferjax import train  # pylint: disable=import-outside-toplevel
-  from dferjax.data import datasets  # pylint: disable=import-outside-toplevel
+  from dferjax.data import inputs  # pylint: disable=import-outside-toplevel
   config = load_run_config(workdir)
   if data_dir:
     config.dataset.data_dir = data_dir
@@ -51,7 +51,7 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
   steps = train.make_steps(config, steps_per_epoch=None)  # evaluation only: no optimizer
   state = checkpoint_lib.restore_for_evaluation(checkpoints, chosen, steps.abstract_state)
   checkpoints.close()
-  source = datasets.data_source(config.dataset.name, split or config.dataset.eval_split, config.dataset.data_dir)
+  source = inputs.split_source(config, split or config.dataset.eval_split)
   result = train.evaluate(steps, state, config, source)
   result['step'] = chosen
   return result

@@ -46,11 +46,15 @@ def learning_rate_schedule(optimizer: ml_collections.ConfigDict, steps_per_epoch
     period = optimizer.cosine_epochs or num_epochs
     def by_epoch(epoch):
       return base * 0.5 * (1 + jnp.cos(jnp.pi * epoch / period))
+  elif optimizer.schedule == 'exponential':  # torch's ExponentialLR stepped once per epoch
+    def by_epoch(epoch):
+      return base * optimizer.decay_rate ** epoch
   elif optimizer.schedule == 'constant':
     def by_epoch(epoch):
       return base * jnp.ones_like(epoch, jnp.float32)
   else:
-    raise ValueError(f"config.optimizer.schedule={optimizer.schedule!r}: expected 'step', 'cosine' or 'constant'")
+    raise ValueError(f"config.optimizer.schedule={optimizer.schedule!r}: expected 'step', 'cosine', 'exponential' "
+                     "or 'constant'")
 
   def schedule(step):
     epoch = step // steps_per_epoch

@@ -28,7 +28,7 @@ def _source_frame(path, size=SIZE):
 
 
 def _decode(frames):
-  """Records hold JPEG bytes per frame or a raw uint8 array (contracts.md)."""
+  """Records hold JPEG bytes per frame or a raw uint8 array (docs/contracts.md)."""
   if isinstance(frames, np.ndarray) and frames.dtype == np.uint8:
     return frames
   return np.stack([cv2.cvtColor(cv2.imdecode(np.frombuffer(f, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)

@@ -6,7 +6,10 @@ from dferjax import configlib, train
 
 
 def _optimizer_config(**overrides):
+  """STT's optimizer (SGD 0.01, momentum 0.9, wd 1e-4, / 10 every 40 epochs) with `overrides`."""
   config = configlib.base_config().optimizer
+  config.update(dict(name='sgd', learning_rate=0.01, momentum=0.9, weight_decay=1e-4, schedule='step',
+                     step_epochs=40, step_factor=0.1))
   config.update(overrides)
   return config
 
@@ -24,6 +27,19 @@ def test_cosine_warmup_schedule_matches_formula():
   for epoch in (0, 4, 9, 10, 50, 119):
     want = 1e-4 * 0.5 * (1 + np.cos(np.pi * epoch / 160)) * min(1.0, (epoch + 1) / 10)
     np.testing.assert_allclose(float(schedule(epoch * 3 + 1)), want, rtol=1e-5)
+
+
+def test_exponential_schedule_matches_torch_exponential_lr():
+  torch = pytest.importorskip('torch')
+  config = _optimizer_config(schedule='exponential', learning_rate=1e-3, decay_rate=0.01 ** (1 / 70))
+  schedule = train.learning_rate_schedule(config, steps_per_epoch=4, num_epochs=70)
+  sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+  exponential = torch.optim.lr_scheduler.ExponentialLR(sgd, gamma=0.01 ** (1 / 70))
+  for epoch in range(71):
+    for step in range(epoch * 4, epoch * 4 + 4):
+      np.testing.assert_allclose(float(schedule(step)), sgd.param_groups[0]['lr'], rtol=1e-5)
+    exponential.step()
+  np.testing.assert_allclose(float(schedule(70 * 4)), 1e-5, rtol=1e-4)  # a hundredth after 70 epochs
 
 
 def test_sgd_momentum_weight_decay_matches_torch():

@@ -5,6 +5,8 @@ only name a dataset. Build first with `python scripts/build_dataset.py` (see `df
 """
 import os
 
+import numpy as np
+
 from tfds_builders.labels import CLASS_NAMES  # noqa: F401  # re-exported: label order 0..6 of every builder
 
 DATASETS = ('dfew', 'afew', 'ferv39k')
@@ -43,7 +45,7 @@ def builder(name: str, data_dir: str):
 
 
 def data_source(name: str, split: str, data_dir: str):
-  """Random-access source (len + __getitem__) of one split; records follow contracts.md.
+  """Random-access source (len + __getitem__) of one split; records follow docs/contracts.md.
 
   name: 'dfew/fold1', 'dfew/fold3_px224', 'dfew/fold1_px48', 'afew/px112', 'ferv39k/px112', ...
   split: 'train' | 'test' (DFEW, FERV39K) | 'train' | 'validation' (AFEW); TFDS slices ('train[:10%]') work too.
@@ -61,3 +63,28 @@ def data_source(name: str, split: str, data_dir: str):
     raise ValueError(f'split {split!r} not in {sorted(dataset_builder.info.splits)} of {name} '
                      f'({dataset_builder.data_path})')
   return dataset_builder.as_data_source(split=split)
+
+
+class ClipSubset:
+  """A random-access view of some records of a source (len + __getitem__), e.g. the clips long enough."""
+
+  def __init__(self, source, indices):
+    self.source = source
+    self.indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index):
+    return self.source[int(self.indices[index])]
+
+
+def drop_short_clips(source, min_frames: int) -> tuple[ClipSubset, int]:
+  """(the records with at least `min_frames` frames, how many were left out): NR-DFERNet's authors keep only
+  clips of >= 16 frames in train and test lists (refs.md §1.4). Reads every record once."""
+  lengths = np.array([int(source[i]['num_frames']) for i in range(len(source))], np.int64)
+  keep = np.flatnonzero(lengths >= min_frames)
+  if len(keep) == 0:
+    raise ValueError(f'config.dataset.min_frames={min_frames} leaves none of the {len(source)} clips '
+                     f'(the longest has {lengths.max(initial=0)} frames)')
+  return ClipSubset(source, keep), len(source) - len(keep)

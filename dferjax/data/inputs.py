@@ -22,9 +22,19 @@ def data_sources(config: ml_collections.ConfigDict):
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices('synthetic dataset ready')
-  train = datasets.data_source(config.dataset.name, config.dataset.train_split, config.dataset.data_dir)
-  evaluation = datasets.data_source(config.dataset.name, config.dataset.eval_split, config.dataset.data_dir)
-  return train, evaluation
+  return split_source(config, config.dataset.train_split), split_source(config, config.dataset.eval_split)
+
+
+def split_source(config: ml_collections.ConfigDict, split: str):
+  """One split of `config.dataset`, without the clips shorter than `config.dataset.min_frames` (if > 1)."""
+  source = datasets.data_source(config.dataset.name, split, config.dataset.data_dir)
+  if config.dataset.min_frames > 1:
+    total = len(source)
+    source, left_out = datasets.drop_short_clips(source, config.dataset.min_frames)
+    if jax.process_index() == 0:
+      print(f'{config.dataset.name} {split}: left out {left_out} of {total} clips with fewer than '
+            f'{config.dataset.min_frames} frames (config.dataset.min_frames)', flush=True)
+  return source
 
 
 def train_iterator(config: ml_collections.ConfigDict, source, local_batch_size: int):

@@ -1,4 +1,4 @@
-"""Grain input pipelines: a random-access source of clip records -> batches (contracts.md).
+"""Grain input pipelines: a random-access source of clip records -> batches (docs/contracts.md).
 
 Record in: {'frames': JPEG bytes per frame or uint8 [num_frames, size, size, 3], 'label', 'clip_id', 'num_frames'}.
 Batch out: {'video': uint8 [batch, frames, height, width, 3], 'label': int32 [batch], 'mask': bool [batch]}, plus

@@ -1,11 +1,12 @@
-"""Model registry: `build(model_name, num_classes, **fields)` -> a linen Module (contracts.md, model contract)."""
+"""Model registry: `build(model_name, num_classes, **fields)` -> a linen Module (docs/contracts.md)."""
 import dataclasses
 
 import flax.linen as nn
 
+from dferjax.models.nr_dfernet import NRDFERNet
 from dferjax.models.stt import STT
 
-MODELS = {'stt': STT}
+MODELS = {'stt': STT, 'nr_dfernet': NRDFERNet}
 
 _NOT_FIELDS = ('parent', 'name', 'num_classes')
 

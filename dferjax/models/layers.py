@@ -64,6 +64,7 @@ class MultiHeadSelfAttention(nn.Module):
   """
   num_heads: int
   qkv_bias: bool = True
+  head_dim: Optional[int] = None  # None: dim // num_heads; else inner width num_heads * head_dim (Former-DFER)
   attention_impl: str = 'xla'  # 'cudnn': flash attention on GPU (bf16/fp16 only)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -73,10 +74,11 @@ class MultiHeadSelfAttention(nn.Module):
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f'attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}')
     *batch_shape, num_tokens, dim = x.shape
-    if dim % self.num_heads:
+    if self.head_dim is None and dim % self.num_heads:
       raise ValueError(f'dim {dim} is not divisible by num_heads {self.num_heads}')
-    head_dim = dim // self.num_heads
-    qkv = torch_dense(3 * dim, dim, use_bias=self.qkv_bias, dtype=self.dtype,
+    head_dim = self.head_dim or dim // self.num_heads
+    inner_dim = self.num_heads * head_dim
+    qkv = torch_dense(3 * inner_dim, dim, use_bias=self.qkv_bias, dtype=self.dtype,
                       param_dtype=self.param_dtype, name='qkv')(x)
     # jax.nn.dot_product_attention wants exactly [batch, tokens, heads, head_dim].
     qkv = qkv.reshape(-1, num_tokens, 3, self.num_heads, head_dim)
@@ -87,8 +89,8 @@ class MultiHeadSelfAttention(nn.Module):
       raise ValueError(
           f"attention_impl='{self.attention_impl}' cannot run {num_tokens} tokens with head_dim {head_dim} "
           f"({error}); set config.model.attention_impl='xla'") from error
-    out = out.reshape(*batch_shape, num_tokens, dim)
-    return torch_dense(dim, dim, dtype=self.dtype, param_dtype=self.param_dtype, name='proj')(out)
+    out = out.reshape(*batch_shape, num_tokens, inner_dim)
+    return torch_dense(dim, inner_dim, dtype=self.dtype, param_dtype=self.param_dtype, name='proj')(out)
 
 
 class Mlp(nn.Module):
@@ -111,6 +113,25 @@ class Mlp(nn.Module):
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = dense(dim, hidden_dim, 'fc2')(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class PreNormBlock(nn.Module):
+  """Former-DFER's transformer layer (lucidrains ViT): x + Attn(LN(x)), then x + MLP(LN(x)); no final LN.
+  Attention: qkv without bias, `num_heads` x `head_dim` inner width; MLP: GELU in its tanh form (refs.md §1.1)."""
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:  # x: [*batch, tokens, dim]
+    norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    x = x + MultiHeadSelfAttention(self.num_heads, qkv_bias=False, head_dim=self.head_dim, dtype=self.dtype,
+                                   param_dtype=self.param_dtype, name='attention')(norm('attention_norm')(x))
+    mlp = Mlp(hidden_dim=self.mlp_dim, approximate_gelu=True, dtype=self.dtype, param_dtype=self.param_dtype,
+              name='mlp')
+    return x + mlp(norm('mlp_norm')(x), deterministic=True)
 
 
 class DropPath(nn.Module):

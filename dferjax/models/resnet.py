@@ -70,8 +70,10 @@ class ResNet(nn.Module):
   Stage s has `width * 2**(s-1)` channels and stride 2 except stage 1; at 112 px the outputs are
   28, 28, 14, 7, 4 px for the max-pool and stages 1..4. No fc head.
   """
-  stage_sizes: Sequence[int] = (2, 2, 2, 2)  # AEN uses (2, 1, 2, 2)
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)  # AEN uses (2, 1, 2, 2), NR-DFERNet (1, 1, 1)
   width: int = 64
+  # 'conv7': torchvision's 7x7/2 conv1; 'conv3x2': NR-DFERNet's conv1 = [3x3/2 conv, BN, ReLU, 3x3 conv] (refs.md §1.4)
+  stem: str = 'conv7'
   last_stage: int = 4
   pool: bool = False  # global average pool -> [n, channels] (CEFLNet/EST's 512-d frame feature)
   max_pool_impl: str = 'reduce_window'  # or 'slices' (max_pool_3x3_stride_2)
@@ -85,9 +87,16 @@ class ResNet(nn.Module):
       raise ValueError(f'last_stage={self.last_stage} must be in 1..{len(self.stage_sizes)}')
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'expected images [n, height, width, 3], got shape {images.shape}')
-    x = nn.Conv(self.width, (7, 7), 2, padding=((3, 3), (3, 3)), use_bias=False,
-                kernel_init=conv_kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
-                name='conv1')(images)
+    conv = partial(nn.Conv, self.width, use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype,
+                   param_dtype=self.param_dtype)
+    if self.stem == 'conv7':
+      x = conv((7, 7), 2, padding=((3, 3), (3, 3)), name='conv1')(images)
+    elif self.stem == 'conv3x2':  # names follow torch's conv1 = Sequential(conv, bn, relu, conv)
+      x = conv((3, 3), 2, padding=((1, 1), (1, 1)), name='conv1_0')(images)
+      x = nn.relu(_batch_norm(train, self.dtype, self.param_dtype, 'conv1_1')(x))
+      x = conv((3, 3), 1, padding=((1, 1), (1, 1)), name='conv1_3')(x)
+    else:
+      raise ValueError(f"stem={self.stem!r} not in ('conv7', 'conv3x2')")
     x = nn.relu(_batch_norm(train, self.dtype, self.param_dtype, 'bn1')(x))
     x = max_pool_3x3_stride_2(x, self.max_pool_impl)
     for stage, num_blocks in enumerate(self.stage_sizes[:self.last_stage]):
