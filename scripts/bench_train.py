@@ -1,26 +1,28 @@
-"""STT train-step and eval-step speed in dferjax and in the PyTorch transcription: same weights, same batch, same
-optimizer and precision policy, same machine and run, so every figure is also a ratio dferjax / PyTorch.
+"""A model's train-step and eval-step speed in dferjax and in its PyTorch transcription: same weights, same batch,
+same optimizer and precision policy, same machine and run, so every figure is also a ratio dferjax / PyTorch.
 
     python scripts/bench_train.py --quick --out runs/bench_train_quick.json    # tiny STT, minutes on 2 CPU cores
     python scripts/bench_train.py --model paper --batch_sizes 32,64,128 --dtypes bfloat16,float32 \\
         --out runs/bench_train_gpu.json                                         # on a GPU
     python scripts/bench_train.py --model paper --batch_sizes 4 --flops_only   # FLOPs/clip, compile only (any host)
 
-dferjax: the real `dferjax.train.compile_steps` steps (mesh, shardings, donation), compiled ahead of time so the
-compile time and memory analysis come from the executable that is timed. FLOPs come from XLA's cost analysis of
-the same step lowered, before GPU compilation hides convolutions in cuDNN calls (on GPU, a CPU worker lowers it).
-PyTorch: `dferjax.reference.torch_stt` with the flax init copied in (`load_flax_variables`), SGD(momentum 0.9,
-weight_decay 1e-4) = optax add_decayed_weights + sgd, STT's compact loss, bf16 as AMP autocast, channels_last,
-eager and `torch.compile`. Timing: `--steps` steps in windows of `--window`, one device sync per window, median per-step
-time over windows. One uint8 batch is reused every step: this measures the device, not the input pipeline
-(scripts/bench_input.py does that).
+--model_name picks the model (a row of BENCH_MODELS: its paper config, tiny sizes and PyTorch transcription),
+--model its size. dferjax: the trainer's own steps (`dferjax.train.make_steps`: mesh, shardings, donation),
+compiled ahead of time so the compile time and memory analysis come from the executable that is timed. FLOPs
+come from XLA's cost analysis of the same step lowered, before GPU compilation hides convolutions in cuDNN calls
+(on GPU, a CPU worker lowers it). PyTorch (`dferjax.reference.torch_bench`): the transcription (for STT
+`dferjax.reference.torch_stt`) with the flax init copied in, SGD(momentum 0.9, weight_decay 1e-4) = optax
+add_decayed_weights + sgd, the config's loss, bf16 as AMP autocast, channels_last, eager and `torch.compile`.
+Timing: `--steps` steps in windows of `--window`, one device sync per window, median per-step time over windows.
+One uint8 batch is reused every step: this measures the device, not the input pipeline (scripts/bench_input.py
+does that).
 
 Each framework runs in its own worker process, one after the other (dferjax, torch eager, torch compile): XLA
 keeps 75% of a GPU's memory for itself by default and neither allocator gives memory back, so two frameworks in
 one process would measure each other's leftovers. A worker that crashes (e.g. torch.compile without a C++
-compiler) is reported, not fatal, unless it is dferjax or torch eager.
+compiler) is reported, not fatal, unless it is dferjax or torch eager. Only the torch workers import torch.
 """
-import functools
+import dataclasses
 import gc
 import json
 import os
@@ -28,23 +30,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from dferjax import benchmarking  # noqa: E402  pylint: disable=g-import-not-at-top
-from dferjax import configlib  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import stt_dfew
+from dferjax import benchmarking, configlib, models, sharding, train
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
   """The command line (only when run as a script, so tests can import this file)."""
+  flags.DEFINE_string('model_name', 'stt', f'The model: a key of BENCH_MODELS ({sorted(BENCH_MODELS)}).')
   flags.DEFINE_enum('model', 'paper', ['paper', 'tiny'],
-                    'paper: configs/stt_dfew.py (16 x 112 px, d=512, 4 blocks); tiny: tests/tiny_config.py sizes.')
+                    "Size. paper: the model's paper config (STT: configs/stt_dfew.py, 16 x 112 px, d=512, 4 blocks); "
+                    'tiny: the sizes of the end-to-end tests (STT: tests/tiny_config.py).')
   flags.DEFINE_list('batch_sizes', ['32', '64', '128'], 'Global batch sizes (multiples of the device count).')
   flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes (model + input; parameters stay float32).')
   flags.DEFINE_integer('steps', 20, 'Timed steps per measurement.')
@@ -55,9 +60,10 @@ def define_flags():
   flags.DEFINE_integer('torch_threads', 0, 'PyTorch intra-op threads on a CPU (0: the cores this process may use).')
   flags.DEFINE_bool('channels_last', True, 'PyTorch convs in channels_last memory (NHWC, as XLA): faster for torch '
                     'eager on CPU too (tiny STT +15-20%, paper STT +17%, 2 cores).')
-  flags.DEFINE_enum('attention_impl', 'xla', ['xla', 'cudnn'], "STT attention ('cudnn': flash attention, GPU bf16).")
-  flags.DEFINE_enum('max_pool_impl', 'reduce_window', ['reduce_window', 'slices'],
-                    "dferjax's stem max-pool (dferjax.models.resnet.max_pool_3x3_stride_2).")
+  flags.DEFINE_enum('attention_impl', IMPL_DEFAULTS['attention_impl'], ['xla', 'cudnn'],
+                    "STT attention ('cudnn': flash attention, GPU bf16); a model without the field takes the default.")
+  flags.DEFINE_enum('max_pool_impl', IMPL_DEFAULTS['max_pool_impl'], ['reduce_window', 'slices'],
+                    "dferjax's stem max-pool (dferjax.models.resnet.max_pool_3x3_stride_2), where the model has one.")
   flags.DEFINE_bool('max_batch', True,
                     'On an accelerator, search the largest dferjax train batch that fits, per dtype.')
   flags.DEFINE_integer('max_batch_limit', 4096, 'Largest batch the search tries.')
@@ -75,44 +81,93 @@ def define_flags():
   flags.DEFINE_string('worker_dir', '', 'Internal: folder with settings.json; the worker writes its results there.')
 
 
-# tests/tiny_config.py's model and input (the end-to-end tests' STT).
-TINY_MODEL = dict(num_frames=4, embed_dim=32, num_layers=1, num_heads=2, mlp_ratio=2.0, drop_path_rate=0.1,
-                  backbone_stage=3, backbone_width=8)
-TINY_INPUT = dict(num_segments=2, frames_per_segment=2, image_size=32)
+def stt_reference(config, variables: dict):
+  """STT's PyTorch transcription holding the flax `variables` (imports torch: called in torch workers only)."""
+  from dferjax.reference import torch_stt  # pylint: disable=import-outside-toplevel
+  model = torch_stt.STT(config.num_classes, image_size=config.input.image_size, **torch_model_fields(config))
+  torch_stt.load_flax_variables(model, variables)
+  return model
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+  """What the benchmark needs of one model; a new model adds a row to BENCH_MODELS."""
+  paper_config: Any  # a configs module: get_config() is the paper recipe (--model=paper)
+  tiny_model: dict  # config.model fields for --model=tiny
+  tiny_input: dict  # config.input fields for --model=tiny (a sampler giving tiny_model's frames, image_size)
+  torch_reference: Callable  # (config, flax variables) -> the torch transcription holding those weights
+  jax_only_fields: tuple[str, ...] = ()  # config.model fields the transcription does not take
+
+
+BENCH_MODELS = {
+    # tests/tiny_config.py's model and input (the end-to-end tests' STT).
+    'stt': BenchModel(stt_dfew, tiny_model=dict(num_frames=4, embed_dim=32, num_layers=1, num_heads=2,
+                                                mlp_ratio=2.0, drop_path_rate=0.1, backbone_stage=3,
+                                                backbone_width=8),
+                      tiny_input=dict(sampler=configlib.segment_sampler(num_segments=2, frames_per_segment=2),
+                                      image_size=32),
+                      torch_reference=stt_reference, jax_only_fields=('attention_impl', 'max_pool_impl')),
+}
 QUICK = dict(model='tiny', batch_sizes=['8', '16'], dtypes=['float32'], steps=12, warmup=2, window=3,
              max_batch=False)
-JAX_ONLY_FIELDS = ('dtype', 'param_dtype', 'attention_impl', 'max_pool_impl')
+# Implementation switches some models have (flags), and their defaults, which any model accepts.
+IMPL_DEFAULTS = {'attention_impl': 'xla', 'max_pool_impl': 'reduce_window'}
 TORCH_MODES = ('eager', 'compile')
+# Only shapes the learning-rate schedule (the benchmark's few steps stay in its first epoch).
+STEPS_PER_EPOCH = 1000
 
 
-def bench_config(model: str, dtype: str, attention_impl: str = 'xla', max_pool_impl: str = 'reduce_window'):
-  """configs/stt_dfew.py (or the tiny sizes) computing in `dtype` (train.build_model passes it to the model)."""
-  config = configlib.load_config(os.path.join(REPO, 'configs', 'stt_dfew.py'))
+def bench_model(model_name: str) -> BenchModel:
+  if model_name in BENCH_MODELS:
+    return BENCH_MODELS[model_name]
+  if model_name in models.MODELS:
+    raise ValueError(f'--model_name={model_name!r}: the model exists but has no benchmark row yet; add its paper '
+                     'config, tiny sizes and PyTorch transcription to BENCH_MODELS in scripts/bench_train.py')
+  raise ValueError(f'--model_name={model_name!r} is not a model; benchmarked models: {sorted(BENCH_MODELS)}')
+
+
+def bench_config(model_name: str, size: str, dtype: str, *, seed: int = 0, **impls):
+  """The model's paper config (or its tiny sizes) computing in `dtype` (train.build_model passes it to the model).
+
+  impls: attention_impl / max_pool_impl; set where the model has the field, else they must be the default.
+  """
+  spec = bench_model(model_name)
+  config = spec.paper_config.get_config()
+  fields = models.model_fields(models.MODELS[config.model_name])
   with config.unlocked():
-    if model == 'tiny':
-      config.model = dict(TINY_MODEL)
-      config.input.update(TINY_INPUT)
-    config.model.attention_impl = attention_impl
-    config.model.max_pool_impl = max_pool_impl
+    if size == 'tiny':
+      config.model = dict(spec.tiny_model)
+      config.input.update(spec.tiny_input)
+    elif size != 'paper':
+      raise ValueError(f"size {size!r}: expected 'paper' or 'tiny'")
+    for name, value in impls.items():
+      if name in fields:
+        config.model[name] = value
+      elif value != IMPL_DEFAULTS[name]:
+        raise ValueError(f'--{name}={value!r}: model {model_name!r} has no {name} field')
     config.dtype = dtype
+    config.seed = seed
   return config
 
 
-def video_shape(config, batch_size: int) -> tuple[int, ...]:
-  from dferjax import train  # pylint: disable=import-outside-toplevel
-  return train.video_shape(config, batch_size)
+def torch_model_fields(config) -> dict:
+  """config.model without the fields only dferjax's model takes (dtypes, implementation switches)."""
+  jax_only = ('dtype', 'param_dtype', *bench_model(config.model_name).jax_only_fields)
+  return {name: value for name, value in config.model.items() if name not in jax_only}
+
+
+def settings_config(settings: dict, dtype: str, **impls):
+  """bench_config for a worker's settings; `impls` default to the settings' (the flags')."""
+  impls = {name: impls.get(name, settings[name]) for name in IMPL_DEFAULTS}
+  return bench_config(settings['model_name'], settings['model'], dtype, seed=settings['seed'], **impls)
 
 
 def host_batch(config, batch_size: int, seed: int) -> dict[str, np.ndarray]:
   """The same uint8 batch in every worker (numpy, seeded)."""
   rng = np.random.default_rng(seed)
-  return {'video': rng.integers(0, 256, video_shape(config, batch_size), dtype=np.uint8),
+  return {'video': rng.integers(0, 256, train.video_shape(config, batch_size), dtype=np.uint8),
           'label': rng.integers(0, config.num_classes, batch_size).astype(np.int32),
           'mask': np.ones(batch_size, bool)}
-
-
-def throughput(timing: dict, batch_size: int) -> dict:
-  return {**timing, 'clips_per_s': batch_size / timing['step_time_s']}
 
 
 def describe_error(error: BaseException) -> str:
@@ -122,15 +177,6 @@ def describe_error(error: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # dferjax worker.
-
-
-def build_jax_steps(config, seed: int):
-  import jax  # pylint: disable=import-outside-toplevel
-  from dferjax import sharding, train  # pylint: disable=import-outside-toplevel
-  model = train.build_model(config)
-  tx = train.create_optimizer(config.optimizer, train.learning_rate_schedule(config.optimizer, 1000, config.num_epochs))
-  rng = jax.random.key(seed)
-  return model, train.compile_steps(config, model, tx, sharding.make_mesh(), rng), rng
 
 
 def flop_figures(flops_per_clip, clips_per_s, dtype: str, device_kind: str, device_count: int) -> dict:
@@ -149,31 +195,31 @@ def per_clip(flops, batch_size: int):
 
 def abstract_step_inputs(config, batch_size: int, steps) -> dict:
   """The train and eval steps' arguments as shapes with shardings: lowering needs no arrays."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from dferjax import train  # pylint: disable=import-outside-toplevel
-  batch = {'video': jax.ShapeDtypeStruct(video_shape(config, batch_size), jnp.uint8, sharding=steps.batch_sharding),
-           'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=steps.batch_sharding),
-           'mask': jax.ShapeDtypeStruct((batch_size,), jnp.bool_, sharding=steps.batch_sharding)}
-  accumulator = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=steps.replicated),
-                             jax.eval_shape(train.init_train_accumulator))
-  confusion = jax.ShapeDtypeStruct((config.num_classes,) * 2, jnp.int32, sharding=steps.replicated)
+
+  def abstract(tree, where):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), tree)
+
+  batch = abstract({'video': jax.ShapeDtypeStruct(train.video_shape(config, batch_size), jnp.uint8),
+                    'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+                    'mask': jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}, steps.batch_sharding)
+  accumulator = abstract(jax.eval_shape(steps.init_accumulator), steps.replicated)
+  confusions = abstract(jax.eval_shape(lambda: steps.init_confusions(config.num_classes)), steps.replicated)
   return {'train': (steps.train, (steps.abstract_state, accumulator, batch)),
-          'eval': (steps.eval, (steps.abstract_state, confusion, batch))}
+          'eval': (steps.eval, (steps.abstract_state, confusions, batch))}
 
 
-def lowered_flops(config, batch_size: int, seed: int) -> dict:
+def lowered_flops(config, batch_size: int) -> dict:
   """FLOPs per clip of the train and eval steps from the lowered HLO (no compile). Run on the CPU backend
   (the 'flops' worker): jax on GPU returns no cost analysis for a lowered program, and a GPU-compiled one
   leaves cuDNN convolutions uncounted."""
-  _, steps, _ = build_jax_steps(config, seed)
+  steps = train.make_steps(config, steps_per_epoch=STEPS_PER_EPOCH)
   return {part: per_clip(benchmarking.xla_flops(jitted.lower(*args)), batch_size)
           for part, (jitted, args) in abstract_step_inputs(config, batch_size, steps).items()}
 
 
-def jax_flops_only(config, batch_size: int, seed: int) -> dict:
+def jax_flops_only(config, batch_size: int) -> dict:
   """Compiles the train and eval steps on abstract inputs (no arrays, any host) for FLOPs and memory."""
-  _, steps, _ = build_jax_steps(config, seed)
+  steps = train.make_steps(config, steps_per_epoch=STEPS_PER_EPOCH)
   figures = {}
   for part, (jitted, args) in abstract_step_inputs(config, batch_size, steps).items():
     start = time.perf_counter()
@@ -185,18 +231,15 @@ def jax_flops_only(config, batch_size: int, seed: int) -> dict:
   return figures
 
 
-def bench_jax(config, batch: dict, steps_flags: dict, seed: int, profile_dir: str = '') -> tuple[dict, dict]:
+def bench_jax(config, batch: dict, steps_flags: dict, profile_dir: str = '') -> tuple[dict, dict]:
   """Times dferjax's jitted train and eval steps; returns (figures, initial host variables)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from dferjax import sharding, train  # pylint: disable=import-outside-toplevel
   device = jax.devices()[0]
   device_count = jax.device_count()
   batch_size = len(batch['label'])
-  _, steps, rng = build_jax_steps(config, seed)
-  state = steps.init(rng)
+  steps = train.make_steps(config, steps_per_epoch=STEPS_PER_EPOCH)
+  state = steps.init(jax.random.key(config.seed))
   variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
-  accumulator = jax.device_put(train.init_train_accumulator(), steps.replicated)
+  accumulator = steps.init_accumulator()
   device_batch = sharding.to_global(batch, steps.batch_sharding)
 
   start = time.perf_counter()
@@ -209,8 +252,8 @@ def bench_jax(config, batch: dict, steps_flags: dict, seed: int, profile_dir: st
   def train_once():
     carry[0], carry[1] = compiled(carry[0], carry[1], device_batch)
 
-  timing = throughput(benchmarking.time_windows(train_once, lambda: jax.block_until_ready(carry), **steps_flags),
-                      batch_size)
+  timing = benchmarking.throughput(
+      benchmarking.time_windows(train_once, lambda: jax.block_until_ready(carry), **steps_flags), batch_size)
   if profile_dir:  # a few more steps under the profiler: an XSpace (.xplane.pb) per-kernel timeline
     jax.block_until_ready(carry)
     with jax.profiler.trace(profile_dir):
@@ -224,20 +267,20 @@ def bench_jax(config, batch: dict, steps_flags: dict, seed: int, profile_dir: st
       **flop_figures(flops_per_clip, timing['clips_per_s'], config.dtype, device.device_kind, device_count),
       'compiled_memory_bytes': benchmarking.compiled_memory_bytes(compiled),
       'peak_bytes_in_use': benchmarking.device_peak_bytes(device),
-      'mean_loss': float(totals['loss_sum']) / int(totals['count'])}}
+      'mean_loss': float(totals['sums']['loss']) / int(totals['count'])}}
 
   state = carry[0]
-  confusion = [jax.device_put(jnp.zeros((config.num_classes,) * 2, jnp.int32), steps.replicated)]
+  confusions = [steps.init_confusions(config.num_classes)]
   start = time.perf_counter()
-  lowered_eval = steps.eval.lower(state, confusion[0], device_batch)
+  lowered_eval = steps.eval.lower(state, confusions[0], device_batch)
   compiled_eval = lowered_eval.compile()
   eval_compile_s = time.perf_counter() - start
 
   def eval_once():
-    confusion[0] = compiled_eval(state, confusion[0], device_batch)
+    confusions[0] = compiled_eval(state, confusions[0], device_batch)
 
-  eval_timing = throughput(benchmarking.time_windows(eval_once, lambda: jax.block_until_ready(confusion),
-                                                     **steps_flags), batch_size)
+  eval_timing = benchmarking.throughput(
+      benchmarking.time_windows(eval_once, lambda: jax.block_until_ready(confusions), **steps_flags), batch_size)
   figures['eval'] = {**eval_timing, 'compile_s': eval_compile_s,
                      'flops_per_clip': per_clip(benchmarking.xla_flops(lowered_eval), batch_size)}
   return figures, variables
@@ -245,16 +288,13 @@ def bench_jax(config, batch: dict, steps_flags: dict, seed: int, profile_dir: st
 
 def largest_train_batch(config, start: int, settings: dict) -> dict:
   """Doubles then bisects the train batch until XLA runs out of memory (at compile or at run time)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from dferjax import train  # pylint: disable=import-outside-toplevel
-  _, steps, rng = build_jax_steps(config, settings['seed'])
+  steps = train.make_steps(config, steps_per_epoch=STEPS_PER_EPOCH)
 
   def run_two_steps(batch_size):
-    shape = video_shape(config, batch_size)
+    shape = train.video_shape(config, batch_size)
     make_batch = jax.jit(lambda: {'video': jnp.zeros(shape, jnp.uint8), 'label': jnp.zeros(batch_size, jnp.int32),
                                   'mask': jnp.ones(batch_size, bool)}, out_shardings=steps.batch_sharding)
-    state, accumulator = steps.init(rng), jax.device_put(train.init_train_accumulator(), steps.replicated)
+    state, accumulator = steps.init(jax.random.key(config.seed)), steps.init_accumulator()
     batch = make_batch()
     compiled = steps.train.lower(state, accumulator, batch).compile()
     for _ in range(2):
@@ -295,8 +335,6 @@ def out_of_memory_figures(error: BaseException) -> dict:
 
 def run_jax_worker(settings: dict, folder: str, output: dict) -> dict:
   """Fills `output` as it goes (worker_main writes it after every measurement)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from dferjax import sharding  # pylint: disable=import-outside-toplevel
   if settings.get('compilation_cache'):
     jax.config.update('jax_compilation_cache_dir', settings['compilation_cache'])
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
@@ -307,19 +345,19 @@ def run_jax_worker(settings: dict, folder: str, output: dict) -> dict:
   results, max_batch, saved = [], {}, False
   output.update({'device': device, 'results': results, 'max_batch': max_batch})
   for dtype in settings['dtypes']:
-    config = bench_config(settings['model'], dtype, settings['attention_impl'], settings['max_pool_impl'])
+    config = settings_config(settings, dtype)
     for batch_size in settings['batch_sizes']:
       print(f'dferjax {dtype} batch {batch_size}', file=sys.stderr, flush=True)
       if settings['flops_only']:
         results.append({'dtype': dtype, 'batch_size': batch_size,
-                        'figures': jax_flops_only(config, batch_size, settings['seed'])})
+                        'figures': jax_flops_only(config, batch_size)})
         yield
         continue
       batch = host_batch(config, batch_size, settings['seed'])
       try:
         profile_dir = (os.path.join(settings['profile_dir'], f'{dtype}_b{batch_size}')
                        if settings['profile_dir'] else '')
-        figures, variables = bench_jax(config, batch, steps_flags, settings['seed'], profile_dir)
+        figures, variables = bench_jax(config, batch, steps_flags, profile_dir)
       except Exception as error:  # pylint: disable=broad-except  # out of memory is a result; the rest is not
         if not benchmarking.is_resource_exhausted(error):
           raise
@@ -349,11 +387,10 @@ def run_jax_worker(settings: dict, folder: str, output: dict) -> dict:
 
 def reference_logits(settings: dict, variables: dict, batch: dict) -> np.ndarray:
   """Float32 eval logits of the first two clips: the torch workers check they hold the same weights."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from dferjax import train  # pylint: disable=import-outside-toplevel
-  model = train.build_model(bench_config(settings['model'], 'float32', 'xla'))
+  model = train.build_model(settings_config(settings, 'float32', **IMPL_DEFAULTS))
   video = batch['video'][:2] / np.float32(255)
-  return np.asarray(jax.jit(functools.partial(model.apply, train=False))(variables, video)[0])
+  logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, video)
+  return np.asarray(logits)
 
 
 def save_variables(path: str, variables: dict):
@@ -386,163 +423,23 @@ def load_variables(path: str) -> dict:
 # PyTorch worker.
 
 
-def torch_compact_loss(logits, labels, beta: float):
-  """STT Eq. (17) in torch, as dferjax.losses.compact_softmax_cross_entropy: CE + beta/2 * symmetric KL between
-  the softmax over the non-target logits and the uniform distribution over them. logits [b, C] -> [b]."""
-  import torch  # pylint: disable=import-outside-toplevel
-  num_classes = logits.shape[-1]
-  is_target = torch.nn.functional.one_hot(labels, num_classes).bool()
-  non_target = logits.masked_fill(is_target, float('-inf'))
-  non_target_probs = non_target.softmax(dim=-1)
-  centre = non_target.max(dim=-1, keepdim=True).values.detach()
-  shifted = (logits - centre).masked_fill(is_target, 0.0)
-  symmetric_kl = ((non_target_probs - 1.0 / (num_classes - 1)) * shifted).masked_fill(is_target, 0.0).sum(dim=-1)
-  return torch.nn.functional.cross_entropy(logits, labels, reduction='none') + 0.5 * beta * symmetric_kl
-
-
-def torch_input(video, channels_last: bool):
-  """uint8 [b, t, h, w, 3] -> float [b, t, 3, h, w] in [0, 1]. The permuted view keeps NHWC memory, which is
-  channels_last for the frames' convs once the model flattens (b, t); NCHW needs a copy."""
-  video = video.permute(0, 1, 4, 2, 3).float() / 255
-  return video if channels_last else video.contiguous()
-
-
-class TorchBench:
-  """The PyTorch transcription on one device, `mode` 'eager' or 'compile', with the flax initial weights."""
-
-  def __init__(self, settings: dict, variables: dict, mode: str):
-    import torch  # pylint: disable=import-outside-toplevel
-    self.torch, self.settings, self.variables, self.mode = torch, settings, variables, mode
-    self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    self.channels_last = settings['channels_last']
-
-  def sync(self):
-    if self.device.type == 'cuda':
-      self.torch.cuda.synchronize()
-
-  def model(self, config):
-    from dferjax.reference import torch_stt  # pylint: disable=import-outside-toplevel
-    fields = {k: v for k, v in config.model.items() if k not in JAX_ONLY_FIELDS}
-    model = torch_stt.STT(config.num_classes, image_size=config.input.image_size, **fields)
-    torch_stt.load_flax_variables(model, self.variables)
-    model.to(self.device)
-    if self.channels_last:
-      model.to(memory_format=self.torch.channels_last)
-    return model
-
-  def logit_difference(self, config, clips: np.ndarray, want: np.ndarray) -> float:
-    model = self.model(config).eval()
-    with self.torch.inference_mode():
-      video = torch_input(self.torch.from_numpy(clips).to(self.device), self.channels_last)
-      got = model(video).float().cpu().numpy()
-    return float(np.abs(got - want).max())
-
-  def run(self, config, batch: dict, steps_flags: dict) -> dict:
-    """Train and eval speed at one (dtype, batch size)."""
-    torch = self.torch
-    from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=import-outside-toplevel
-    torch.manual_seed(self.settings['seed'])
-    if self.mode == 'compile':
-      torch._dynamo.reset()  # pylint: disable=protected-access
-    model = self.model(config).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.optimizer.learning_rate,
-                                momentum=config.optimizer.momentum, weight_decay=config.optimizer.weight_decay)
-    video = torch.from_numpy(batch['video']).to(self.device)
-    labels = torch.from_numpy(batch['label']).long().to(self.device)
-    batch_size = labels.shape[0]
-    autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16,
-                                 enabled=config.dtype == 'bfloat16')
-    channels_last = self.channels_last
-
-    def forward_loss(video, labels):
-      with autocast():
-        logits = model(torch_input(video, channels_last))
-      logits = logits.float()
-      return torch_compact_loss(logits, labels, config.loss.beta).mean(), logits
-
-    def predict(video):
-      with autocast():
-        return model(torch_input(video, channels_last)).float()
-
-    if self.mode == 'compile':
-      forward_loss = torch.compile(forward_loss, mode=self.settings['torch_compile_mode'], dynamic=False)
-      predict = torch.compile(predict, mode=self.settings['torch_compile_mode'], dynamic=False)
-    totals = {'loss_sum': torch.zeros((), device=self.device),
-              'correct': torch.zeros((), dtype=torch.long, device=self.device)}
-
-    def train_once():
-      loss, logits = forward_loss(video, labels)
-      optimizer.zero_grad(set_to_none=True)
-      loss.backward()
-      optimizer.step()
-      with torch.no_grad():  # the metrics dferjax's step accumulates on device
-        totals['loss_sum'] += loss.detach() * batch_size
-        totals['correct'] += (logits.argmax(-1) == labels).sum()
-
-    if self.device.type == 'cuda':
-      torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    train_once()  # compiles under torch.compile
-    self.sync()
-    first_step_s = time.perf_counter() - start
-    flops_per_clip, extra_steps = None, 0
-    if self.mode == 'eager':  # torch's own count of matmul/conv/attention FLOPs (forward + backward)
-      with FlopCounterMode(display=False) as counter:
-        train_once()
-      flops_per_clip, extra_steps = counter.get_total_flops() / batch_size, 1
-    timing = throughput(benchmarking.time_windows(train_once, self.sync, **steps_flags), batch_size)
-    num_steps = 1 + extra_steps + steps_flags['warmup'] + steps_flags['steps']
-    figures = {'train': {
-        **timing, 'first_step_s': first_step_s,
-        'compile_s': first_step_s - timing['step_time_s'] if self.mode == 'compile' else None,
-        'matmul_conv_flops_per_clip': flops_per_clip,
-        'peak_bytes_in_use': torch.cuda.max_memory_allocated() if self.device.type == 'cuda' else None,
-        'mean_loss': float(totals['loss_sum']) / (num_steps * batch_size)}}
-
-    model.eval()
-    confusion = torch.zeros((config.num_classes,) * 2, dtype=torch.long, device=self.device)
-    ones = torch.ones_like(labels)
-
-    def eval_once():
-      with torch.inference_mode():
-        predicted = predict(video).argmax(-1)
-        confusion.index_put_((labels, predicted), ones, accumulate=True)
-
-    start = time.perf_counter()
-    eval_once()
-    self.sync()
-    eval_first_s = time.perf_counter() - start
-    eval_timing = throughput(benchmarking.time_windows(eval_once, self.sync, **steps_flags), batch_size)
-    figures['eval'] = {**eval_timing, 'first_step_s': eval_first_s,
-                       'compile_s': eval_first_s - eval_timing['step_time_s'] if self.mode == 'compile' else None}
-    del model, optimizer
-    if self.device.type == 'cuda':
-      torch.cuda.empty_cache()
-    return figures
-
-
 def run_torch_worker(settings: dict, folder: str, mode: str, output: dict):
   """Fills `output` as it goes (worker_main writes it after every measurement)."""
-  import torch  # pylint: disable=import-outside-toplevel
-  variables = load_variables(os.path.join(folder, 'variables.npz'))
-  bench = TorchBench(settings, variables, mode)
-  info = {'device': str(bench.device), 'channels_last': bench.channels_last}
+  from dferjax.reference import torch_bench  # pylint: disable=import-outside-toplevel  # torch workers only
+  bench = torch_bench.TorchBench(
+      bench_model(settings['model_name']).torch_reference, load_variables(os.path.join(folder, 'variables.npz')),
+      mode, seed=settings['seed'], channels_last=settings['channels_last'],
+      compile_mode=settings['torch_compile_mode'],
+      threads=settings['torch_threads'] or benchmarking.machine_info()['cores_visible'])
+  info = bench.configure()
   results = []
   output.update({'info': info, 'results': results})
-  if bench.device.type == 'cpu':
-    torch.set_num_threads(settings['torch_threads'] or benchmarking.machine_info()['cores_visible'])
-    info['threads'] = torch.get_num_threads()
-  else:
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True  # float32 as XLA's default precision on GPU: TF32
-    torch.backends.cudnn.allow_tf32 = True
-    info['device_name'] = torch.cuda.get_device_name()
   steps_flags = {k: settings[k] for k in ('steps', 'warmup', 'window')}
   info['logit_max_abs_difference'] = bench.logit_difference(
-      bench_config(settings['model'], 'float32'), np.load(os.path.join(folder, 'reference_batch.npy')),
+      settings_config(settings, 'float32', **IMPL_DEFAULTS), np.load(os.path.join(folder, 'reference_batch.npy')),
       np.load(os.path.join(folder, 'reference_logits.npy')))
   for dtype in settings['dtypes']:
-    config = bench_config(settings['model'], dtype)
+    config = settings_config(settings, dtype)
     for batch_size in settings['batch_sizes']:
       print(f'torch {mode} {dtype} batch {batch_size}', file=sys.stderr, flush=True)
       batch = host_batch(config, batch_size, settings['seed'])
@@ -551,8 +448,7 @@ def run_torch_worker(settings: dict, folder: str, mode: str, output: dict):
       except Exception as error:  # pylint: disable=broad-except
         if benchmarking.is_resource_exhausted(error):
           figures = out_of_memory_figures(error)
-          if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+          bench.release_memory()
         elif mode == 'compile':  # reported, not fatal: e.g. no C++ compiler on the host
           figures = {'error': describe_error(error)}
         else:
@@ -566,10 +462,9 @@ def run_flops_worker(settings: dict, output: dict):
   """FLOPs per clip of every (dtype, batch) from the CPU backend's lowering (see lowered_flops)."""
   results = output.setdefault('results', [])
   for dtype in settings['dtypes']:
-    config = bench_config(settings['model'], dtype, 'xla', settings['max_pool_impl'])  # cuDNN attention is GPU-only
+    config = settings_config(settings, dtype, attention_impl='xla')  # cuDNN attention is GPU-only
     for batch_size in settings['batch_sizes']:
-      results.append({'dtype': dtype, 'batch_size': batch_size,
-                      'flops_per_clip': lowered_flops(config, batch_size, settings['seed'])})
+      results.append({'dtype': dtype, 'batch_size': batch_size, 'flops_per_clip': lowered_flops(config, batch_size)})
       yield
 
 
@@ -696,14 +591,15 @@ def table_rows(results: list[dict], torch_modes: list[str]) -> list[dict]:
 
 
 def print_report(report: dict):
-  torch_modes = report['settings']['torch']
+  settings = report['settings']
+  torch_modes = settings['torch']
   columns = [(name, name) for name in ('dtype', 'batch', 'clips/s', 'step ms', 'compile s', 'GFLOP/clip', 'TFLOP/s',
                                        'MFU %', 'eval clips/s')]
   for mode in torch_modes:
     columns += [(f'torch {mode} clips/s', f'{mode} clips/s'), (f'train x {mode}', f'x {mode}'),
                 (f'eval x {mode}', f'eval x {mode}')]
   machine, device = report['machine'], report['device']
-  print(f"\nSTT ({report['settings']['model']}) dferjax train step on {device['device_count']} x "
+  print(f"\n{settings['model_name'].upper()} ({settings['model']}) dferjax train step on {device['device_count']} x "
         f"{device['device_kind']} ({machine['cpu_model']}, {machine['cores_visible']} cores); "
         "'x' = dferjax / PyTorch clips/s")
   print(benchmarking.format_table(table_rows(report['results'], torch_modes), columns))
@@ -729,11 +625,12 @@ def resolve_settings() -> dict:
   for dtype in FLAGS.dtypes:
     if dtype not in ('float32', 'bfloat16'):
       raise ValueError(f"--dtypes: {dtype!r} is not 'float32' or 'bfloat16'")
+  bench_model(FLAGS.model_name)  # an unknown name fails here, naming the known ones
   if FLAGS.attention_impl == 'cudnn' and 'float32' in FLAGS.dtypes:
     raise ValueError('--attention_impl=cudnn needs --dtypes=bfloat16 (cuDNN flash attention has no float32)')
-  return {'model': FLAGS.model, 'batch_sizes': [int(b) for b in FLAGS.batch_sizes], 'dtypes': list(FLAGS.dtypes),
-          'steps': FLAGS.steps, 'warmup': FLAGS.warmup, 'window': FLAGS.window, 'torch': torch_modes,
-          'torch_compile_mode': FLAGS.torch_compile_mode, 'torch_threads': FLAGS.torch_threads,
+  return {'model_name': FLAGS.model_name, 'model': FLAGS.model, 'batch_sizes': [int(b) for b in FLAGS.batch_sizes],
+          'dtypes': list(FLAGS.dtypes), 'steps': FLAGS.steps, 'warmup': FLAGS.warmup, 'window': FLAGS.window,
+          'torch': torch_modes, 'torch_compile_mode': FLAGS.torch_compile_mode, 'torch_threads': FLAGS.torch_threads,
           'channels_last': FLAGS.channels_last, 'attention_impl': FLAGS.attention_impl,
           'max_pool_impl': FLAGS.max_pool_impl,
           'max_batch': FLAGS.max_batch, 'max_batch_limit': FLAGS.max_batch_limit,
@@ -749,9 +646,9 @@ def main(argv):
     worker_main(FLAGS.worker, FLAGS.worker_dir)
     return
   settings = resolve_settings()
-  config = bench_config(settings['model'], 'float32')
-  settings['model_fields'] = {k: v for k, v in config.model.items() if k not in JAX_ONLY_FIELDS}
-  settings['video_shape_per_clip'] = video_shape(config, 1)[1:]
+  config = settings_config(settings, 'float32')  # also checks the implementation flags fit the model
+  settings['model_fields'] = torch_model_fields(config)
+  settings['video_shape_per_clip'] = train.video_shape(config, 1)[1:]
   with tempfile.TemporaryDirectory(prefix='bench_train_') as folder:
     benchmarking.write_json(os.path.join(folder, 'settings.json'), settings)
     jax_output = run_worker('dferjax', folder, required=True)
