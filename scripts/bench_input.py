@@ -14,7 +14,6 @@ and a per-stage timing run (read, sample, decode, crop/resize, flip, batch) in m
 import json
 import os
 import platform
-import sys
 import time
 
 from absl import app
@@ -23,10 +22,9 @@ import cv2
 import grain
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dferjax.data import augment  # noqa: E402  pylint: disable=g-import-not-at-top
-from dferjax.data import pipeline  # noqa: E402  pylint: disable=g-import-not-at-top
-from dferjax.data import sampling  # noqa: E402  pylint: disable=g-import-not-at-top
+from dferjax.data import augment
+from dferjax.data import pipeline
+from dferjax.data import sampling
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('sizes', ['112', '224'], 'Output image sizes (synthetic frames are stored at this size).')

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import stt_dfew
+from configs import nr_dfernet_dfew, stt_dfew
 from dferjax import benchmarking, configlib, models, sharding, train
 
 FLAGS = flags.FLAGS
@@ -89,6 +89,32 @@ def stt_reference(config, variables: dict):
   return model
 
 
+def nr_dfernet_reference(config, variables: dict):
+  """NR-DFERNet's PyTorch transcription holding `variables`; its evaluation returns the filtered logits, as
+  dferjax's does (the transcription's eval forward also returns the sequence and snippet logits)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from dferjax.reference import torch_nr_dfernet  # pylint: disable=import-outside-toplevel
+  fields = torch_model_fields(config)
+  if not fields.pop('snippet_filter'):
+    raise ValueError('the NR-DFERNet benchmark times the evaluation with the snippet filter on')
+  renamed = {'num_heads': 'heads', 'head_dim': 'dim_head', 'filter_max_probability': 'mu1',
+             'filter_neutral_probability': 'mu2'}
+  model = torch_nr_dfernet.NRDFERNet(config.num_classes, image_size=config.input.image_size,
+                                     **{renamed.get(name, name): value for name, value in fields.items()})
+  torch_nr_dfernet.load_flax_variables(model, variables)
+
+  class FilteredLogits(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.model = model
+
+    def forward(self, video):
+      out = self.model(video)
+      return out[0] if isinstance(out, tuple) else out
+
+  return FilteredLogits()
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchModel:
   """What the benchmark needs of one model; a new model adds a row to BENCH_MODELS."""
@@ -107,6 +133,14 @@ BENCH_MODELS = {
                       tiny_input=dict(sampler=configlib.segment_sampler(num_segments=2, frames_per_segment=2),
                                       image_size=32),
                       torch_reference=stt_reference, jax_only_fields=('attention_impl', 'max_pool_impl')),
+    # configs/demo_synthetic.py:model=nr_dfernet's sizes on 32 px (1 x 1 maps after DSF).
+    'nr_dfernet': BenchModel(nr_dfernet_dfew, tiny_model=dict(num_frames=8, stem_width=16, num_spatial_layers=1,
+                                                              num_temporal_layers=2, num_heads=4, head_dim=16,
+                                                              spatial_mlp_dim=64, temporal_mlp_dim=128,
+                                                              snippet_filter=True),
+                             tiny_input=dict(sampler=configlib.segment_sampler(num_segments=4, frames_per_segment=2),
+                                             image_size=32),
+                             torch_reference=nr_dfernet_reference),
 }
 QUICK = dict(model='tiny', batch_sizes=['8', '16'], dtypes=['float32'], steps=12, warmup=2, window=3,
              max_batch=False)

@@ -2,20 +2,21 @@
 
     python scripts/run_folds.py --config configs/stt_dfew.py --workdir runs/stt_dfew [--folds 1,2,3,4,5]
         [--collect_only] [-- --config.batch_size=64 ...]
+    python scripts/run_folds.py --config configs/nr_dfernet_dfew.py:oversample --workdir runs/nr_dfernet_over
 
-Fold k trains in `<workdir>_fold<k>` with `configs/...:fold=k`; a fold whose run is complete is only collected
+Fold k trains in `<workdir>_fold<k>` with `configs/...:fold=k` (after the config's other arguments); a fold whose run is complete is only collected
 (the trainer resumes, finds no step left to train and only evaluates the last checkpoint). Per fold the table shows the epoch
 with the best test metric, the protocol of every public DFER repository (refs.md §6.12), then the mean.
 """
 import argparse
-import os
 import subprocess
 import sys
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--config', required=True, help='a config that takes fold=k, e.g. configs/stt_dfew.py')
+  parser.add_argument('--config', required=True,
+                      help='a config that takes fold=k, e.g. configs/stt_dfew.py (or with arguments: ...py:oversample)')
   parser.add_argument('--workdir', required=True, help='prefix: fold k runs in <workdir>_fold<k>')
   parser.add_argument('--folds', default='1,2,3,4,5')
   parser.add_argument('--collect_only', action='store_true', help='do not train; only print the table')
@@ -26,16 +27,16 @@ def main():
   workdirs = [f'{args.workdir}_fold{k}' for k in folds]
   if not args.collect_only:
     for fold, workdir in zip(folds, workdirs):
-      command = [sys.executable, '-m', 'dferjax.main', f'--config={args.config}:fold={fold}', f'--workdir={workdir}',
+      config_arg = f'{args.config},fold={fold}' if ':' in args.config else f'{args.config}:fold={fold}'
+      command = [sys.executable, '-m', 'dferjax.main', f'--config={config_arg}', f'--workdir={workdir}',
                  *args.overrides]
       print('+', ' '.join(command), flush=True)
       subprocess.run(command, check=True)
   from dferjax import reports  # pylint: disable=import-outside-toplevel
-  from dferjax.configlib import CLASS_NAMES  # pylint: disable=import-outside-toplevel
+  from tfds_builders.labels import CLASS_NAMES  # pylint: disable=import-outside-toplevel
   results = reports.collect_fold_results(workdirs, metric='best', select_by=args.select_by)
   print(reports.format_results_table(results, CLASS_NAMES))
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, os.getcwd())
   main()
