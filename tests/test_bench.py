@@ -101,8 +101,10 @@ def test_model_name_picks_a_row_and_an_unknown_name_fails_clearly():
   assert set(bench_train.torch_model_fields(config)) == {
       'num_frames', 'embed_dim', 'num_layers', 'num_heads', 'mlp_ratio', 'drop_path_rate', 'backbone_stage',
       'backbone_width'}
-  with pytest.raises(ValueError, match=r"'vivit' is not a model; benchmarked models: \['stt'\]"):
+  with pytest.raises(ValueError, match=r"'vivit' is not a model; benchmarked models: \['nr_dfernet', 'stt'\]"):
     bench_train.bench_config('vivit', 'tiny', 'float32')
+  nr_dfernet = bench_train.bench_config('nr_dfernet', 'tiny', 'float32')
+  assert train.video_shape(nr_dfernet, 2) == (2, 8, 32, 32, 3) and nr_dfernet.model.num_temporal_layers == 2
 
 
 @pytest.mark.parametrize('device_kind, dtype, want', [

@@ -38,6 +38,7 @@ def test_exponential_schedule_matches_torch_exponential_lr():
   for epoch in range(71):
     for step in range(epoch * 4, epoch * 4 + 4):
       np.testing.assert_allclose(float(schedule(step)), sgd.param_groups[0]['lr'], rtol=1e-5)
+    sgd.step()  # (no gradients: nothing moves) torch wants it before the scheduler's step
     exponential.step()
   np.testing.assert_allclose(float(schedule(70 * 4)), 1e-5, rtol=1e-4)  # a hundredth after 70 epochs
 

@@ -56,7 +56,8 @@ def test_paper_sized_model_shapes_and_param_count():
   assert 'layer4_0' not in params['backbone']
   logits, aux = jax.eval_shape(partial(model.apply, train=False), variables,
                                jax.ShapeDtypeStruct((2, 16, 112, 112, 3), jnp.float32))
-  assert logits.shape == (2, 7) and logits.dtype == jnp.float32 and aux == {}
+  assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+  assert jax.tree.map(lambda x: x.shape, aux) == {'features': (2, 512)}  # the class token, for tools and losses
   small = _abstract(models.build('stt', 7), (1, 16, 64, 64, 3))  # 64 px -> 4x4 positions
   assert small['params']['spatial_pos_embed']['embedding'].shape == (16, 512)
 
@@ -156,7 +157,7 @@ def test_bad_inputs_and_fields():
   model = STT(num_classes=7, **TINY)
   with pytest.raises(ValueError, match=r'STT expects video \[batch, 4, height, width, 3\]'):
     _abstract(model, (2, 8, 48, 48, 3))
-  with pytest.raises(ValueError, match=r"model_name 'vivit' not in \['stt'\]"):
+  with pytest.raises(ValueError, match=r"model_name 'vivit' not in \['nr_dfernet', 'stt'\]"):
     models.build('vivit', 7)
   with pytest.raises(ValueError, match=r"\['num_layer'\] are not STT fields; valid fields: \[.*'num_layers'"):
     models.build('stt', 7, num_layer=2)

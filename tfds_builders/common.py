@@ -1,6 +1,6 @@
 """What the DFEW, AFEW and FERV39K builders share: config, features, clip listing, frame loading.
 
-A record (contracts.md): 'frames' (all frames in time order, resized once here to the config's square size;
+A record (docs/contracts.md): 'frames' (all frames in time order, resized once here to the config's square size;
 JPEG bytes per frame or a raw uint8 [num_frames, size, size, 3] array, RGB), 'label' (0..6 in DFEW's order),
 'clip_id' (Text), 'num_frames' (int32). No TensorFlow is needed to build or to read (array_record +
 `as_data_source`).
@@ -159,7 +159,7 @@ def encode_jpeg(image: np.ndarray, path: str) -> bytes:
 
 
 def load_example(clip: ClipRef, image_size: int, frame_encoding: str) -> dict:
-  """The record of one clip (contracts.md); JPEG frames decode to RGB with PIL, to BGR with cv2."""
+  """The record of one clip (docs/contracts.md); JPEG frames decode to RGB with PIL, to BGR with cv2."""
   if frame_encoding == 'jpeg':
     frames = [encode_jpeg(read_frame(path, image_size), path) for path in clip.frames]
   else:
