@@ -6,6 +6,8 @@ FERV39K) import their DFEW config (`from configs import stt_dfew`) and change wh
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from tfds_builders.labels import CLASS_NAMES
@@ -107,6 +109,21 @@ def segment_sampler(num_segments: int, frames_per_segment: int, short_clip_fallb
   """config.input.sampler for dynamic sampling: S segments of T frames (fallback 'zeros': the papers')."""
   return dict(name='segments', num_segments=num_segments, frames_per_segment=frames_per_segment,
               short_clip_fallback=short_clip_fallback)
+
+
+def from_registry(spec, registry: dict, field: str, kind: str):
+  """`registry[name](**fields)` for a config block `{name, **fields}` (a sampler, a loss); unknown names and
+  fields fail naming `field` (e.g. 'config.loss') and the valid choices."""
+  fields = dict(spec)
+  name = fields.pop('name', None)
+  if name not in registry:
+    raise ValueError(f'{field}.name={name!r} not in {sorted(registry)}')
+  cls = registry[name]
+  valid = sorted(f.name for f in dataclasses.fields(cls))
+  if unknown := sorted(set(fields) - set(valid)):
+    raise ValueError(f'{field}: {unknown} are not fields of the {name!r} {kind} ({cls.__name__}); '
+                     f'valid fields: {valid}')
+  return cls(**fields)
 
 
 def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:

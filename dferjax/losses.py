@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dferjax import configlib
+
 
 def _check(logits, labels):
   if logits.ndim != 2 or labels.shape != logits.shape[:1]:
@@ -119,18 +121,6 @@ LOSSES = {'cross_entropy': CrossEntropy, 'label_smoothing': LabelSmoothing, 'com
           'order': OrderLoss}
 
 
-def loss_fields(cls) -> list[str]:
-  return sorted(field.name for field in dataclasses.fields(cls))
-
-
 def build_loss(spec) -> CrossEntropy | LabelSmoothing | CompactLoss | OrderLoss:
   """The loss `config.loss` names (`{name, **fields}`); unknown names and fields fail listing the valid ones."""
-  fields = dict(spec)
-  name = fields.pop('name', None)
-  if name not in LOSSES:
-    raise ValueError(f'config.loss.name={name!r} not in {sorted(LOSSES)}')
-  cls = LOSSES[name]
-  if unknown := sorted(set(fields) - set(loss_fields(cls))):
-    raise ValueError(f'config.loss: {unknown} are not fields of the {name!r} loss ({cls.__name__}); '
-                     f'valid fields: {loss_fields(cls)}')
-  return cls(**fields)
+  return configlib.from_registry(spec, LOSSES, 'config.loss', 'loss')

@@ -11,6 +11,8 @@ import dataclasses
 
 import numpy as np
 
+from dferjax import configlib
+
 SHORT_CLIP_FALLBACKS = ('zeros', 'edge')
 
 
@@ -159,21 +161,10 @@ class SnippetSampler:
 SAMPLERS = {'segments': SegmentSampler, 'snippets': SnippetSampler}
 
 
-def sampler_fields(cls) -> list[str]:
-  return sorted(field.name for field in dataclasses.fields(cls))
-
-
 def make_sampler(spec) -> SegmentSampler | SnippetSampler:
   """A sampler from an instance, a name in SAMPLERS (default fields), or a mapping `{name, **fields}`
   such as `config.input.sampler`; unknown names and fields fail naming the valid ones."""
   if isinstance(spec, (SegmentSampler, SnippetSampler)):
     return spec
-  fields = {'name': spec} if isinstance(spec, str) else dict(spec)
-  name = fields.pop('name', None)
-  if name not in SAMPLERS:
-    raise ValueError(f'config.input.sampler.name={name!r} not in {sorted(SAMPLERS)}')
-  cls = SAMPLERS[name]
-  if unknown := sorted(set(fields) - set(sampler_fields(cls))):
-    raise ValueError(f'config.input.sampler: {unknown} are not fields of the {name!r} sampler '
-                     f'({cls.__name__}); valid fields: {sampler_fields(cls)}')
-  return cls(**fields)
+  return configlib.from_registry({'name': spec} if isinstance(spec, str) else spec, SAMPLERS,
+                                 'config.input.sampler', 'sampler')

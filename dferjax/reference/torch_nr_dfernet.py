@@ -13,28 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from dferjax.reference.torch_stt import BasicBlock  # torchvision's block, shared by the transcriptions
+
 NEUTRAL = 2  # Happy, Sad, Neutral, ... (refs.md §2.5)
-
-
-class BasicBlock(nn.Module):
-  """torchvision's basic block; the 1x1 shortcut only where stride or width change."""
-
-  def __init__(self, in_channels: int, channels: int, stride: int = 1):
-    super().__init__()
-    self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(channels)
-    self.relu = nn.ReLU(inplace=True)
-    self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(channels)
-    self.downsample = None
-    if stride != 1 or in_channels != channels:
-      self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
-                                      nn.BatchNorm2d(channels))
-
-  def forward(self, x):
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    return self.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
 class Attention(nn.Module):
