@@ -121,3 +121,19 @@ def test_paper_configs():
   assert configlib.load_config('configs/nr_dfernet_dfew.py', 'oversample').input.class_balanced
   afew = configlib.load_config('configs/nr_dfernet_afew.py')
   assert (afew.optimizer.learning_rate, afew.num_epochs, afew.dataset.eval_split) == (3e-4, 30, 'validation')
+
+
+def test_xla_flops_reproduce_the_differences_of_tab_3():
+  """Tab. 3 (G): M = 1, 2, 3 at N = 4: 6.20, 6.33, 6.46; N = 6: +1.11. XLA's counts of the evaluation forward
+  (snippet passes included) give the same steps, so the paper's transformer figures are FLOPs, not MACs."""
+  from dferjax import summary
+
+  def gflops(spatial, temporal):
+    config = configlib.load_config('configs/nr_dfernet_dfew.py')
+    with config.unlocked():
+      config.model.num_spatial_layers, config.model.num_temporal_layers = spatial, temporal
+    return summary.summarize(config)['gflops_per_clip']
+
+  base = gflops(2, 4)
+  assert gflops(1, 4) == pytest.approx(base - 0.13, abs=0.005)
+  assert gflops(2, 6) == pytest.approx(base + 1.11, abs=0.01)
