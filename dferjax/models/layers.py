@@ -65,12 +65,13 @@ class MultiHeadSelfAttention(nn.Module):
   num_heads: int
   qkv_bias: bool = True
   head_dim: Optional[int] = None  # None: dim // num_heads; else inner width num_heads * head_dim (Former-DFER)
+  attention_dropout: float = 0.0  # on the attention weights, as torch's nn.MultiheadAttention(dropout=...)
   attention_impl: str = 'xla'  # 'cudnn': flash attention on GPU (bf16/fp16 only)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f'attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}')
     *batch_shape, num_tokens, dim = x.shape
@@ -83,6 +84,12 @@ class MultiHeadSelfAttention(nn.Module):
     # jax.nn.dot_product_attention wants exactly [batch, tokens, heads, head_dim].
     qkv = qkv.reshape(-1, num_tokens, 3, self.num_heads, head_dim)
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.attention_dropout and not deterministic:  # dropped weights: the explicit softmax path
+      logits = jnp.einsum('bqhd,bkhd->bhqk', query, key) / math.sqrt(head_dim)
+      weights = nn.Dropout(self.attention_dropout)(jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
+                                                   deterministic=False).astype(value.dtype)
+      out = jnp.einsum('bhqk,bkhd->bqhd', weights, value).reshape(*batch_shape, num_tokens, inner_dim)
+      return torch_dense(dim, inner_dim, dtype=self.dtype, param_dtype=self.param_dtype, name='proj')(out)
     try:
       out = jax.nn.dot_product_attention(query, key, value, implementation=self.attention_impl)
     except NotImplementedError as error:  # cuDNN refuses some shapes, e.g. STT's odd 49/17-token training
@@ -113,6 +120,24 @@ class Mlp(nn.Module):
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = dense(dim, hidden_dim, 'fc2')(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class PostNormAttention(nn.Module):
+  """LN(x + Dropout(SelfAttention(x))), SelfAttention = torch's nn.MultiheadAttention (biased in-projection,
+  dropout on the weights): CEFLNet's self-attention layer and EST's AA-SFE (refs.md §1.6, §1.7).
+  x: [*batch, tokens, dim]; the 'dropout' RNG stream in training."""
+  num_heads: int = 4
+  dropout_rate: float = 0.1
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    attended = MultiHeadSelfAttention(self.num_heads, qkv_bias=True, attention_dropout=self.dropout_rate,
+                                      dtype=self.dtype, param_dtype=self.param_dtype, name='attention')(
+                                          x, deterministic=not train)
+    attended = nn.Dropout(self.dropout_rate)(attended, deterministic=not train)
+    return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, name='norm')(x + attended)
 
 
 class PreNormBlock(nn.Module):
