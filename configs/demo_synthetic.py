@@ -6,7 +6,7 @@ On first use it writes the synthetic clips (DFEW's on-disk layout, classes that 
 moves) to data/tfds/manual/synthetic_dfew and builds them as the TFDS dataset `dfew/fold1_px48`, through the
 same builder and grain pipeline that serve the real DFEW. Arguments: model ('stt': STT with a narrow backbone
 and two blocks on 8 frames of 48 px; 'nr_dfernet': a narrow NR-DFERNet, one spatial and two temporal
-encoders), epochs.
+encoders; 'est': a narrow EST on 7 snippets x 2 frames with SSOP), epochs.
 
     python -m dferjax.main --config configs/demo_synthetic.py:model=nr_dfernet --workdir runs/demo_nr_dfernet
 """
@@ -20,11 +20,19 @@ DEMO_MODELS = {
     # 48 px: 3 x 3 stem maps, 2 x 2 after DSF, 256-d frame vectors; 3 snippets of 3 over the 7 vectors.
     'nr_dfernet': dict(num_frames=8, stem_width=16, num_dynamic_blocks=3, num_spatial_layers=1,
                        num_temporal_layers=2, num_heads=4, head_dim=16, spatial_mlp_dim=64, temporal_mlp_dim=128),
+    # 7 snippets x 2 frames; d = 128; one encoder and one decoder layer.
+    'est': dict(num_frames=14, num_snippets=7, backbone_width=16, num_heads=4, num_encoder_layers=1,
+                num_decoder_layers=1, hidden_dim=256, dropout_rate=0.1, classifier_dims=(64, 32),
+                classifier_dropout=0.4, ssop=True, snippet_positions='slot', order_head_dims=(256, 64)),
 }
+SEGMENTS = configlib.segment_sampler(num_segments=4, frames_per_segment=2)
 # Each model's own loss and input recipe (the paper's), on the demo's data and schedule.
 DEMO_RECIPES = {
-    'stt': dict(loss=dict(name='compact', beta=0.2), augment='stt'),
-    'nr_dfernet': dict(loss=dict(name='cross_entropy'), augment='nr_dfernet'),
+    'stt': dict(loss=dict(name='compact', beta=0.2), augment='stt', sampler=SEGMENTS, transforms={}),
+    'nr_dfernet': dict(loss=dict(name='cross_entropy'), augment='nr_dfernet', sampler=SEGMENTS, transforms={}),
+    'est': dict(loss=dict(name='order', order_weight=0.1428), augment='none',
+                sampler=dict(name='snippets', frames_per_snippet=2),
+                transforms={'draw_permutation': {'num_permutations': 10}}),
 }
 
 
@@ -39,11 +47,13 @@ def get_config(arg=None):
   config.dataset.data_dir = 'data/tfds'
   # Demo only: write and build the synthetic dataset into data_dir if it is missing.
   config.dataset.synthetic = ml_collections.ConfigDict(dict(manual_dir='', clips_per_class=100, seed=0))
-  config.input.sampler = configlib.segment_sampler(num_segments=4, frames_per_segment=2)
+  recipe = DEMO_RECIPES[args.model]
+  config.input.sampler = recipe['sampler']
+  config.input.transforms = recipe['transforms']
   config.input.image_size = 48
-  config.input.augment = DEMO_RECIPES[args.model]['augment']
+  config.input.augment = recipe['augment']
   config.input.num_threads = 2
-  config.loss = DEMO_RECIPES[args.model]['loss']
+  config.loss = recipe['loss']
   config.optimizer.name = 'adam'
   config.optimizer.learning_rate = 1e-3
   config.optimizer.weight_decay = 0.0

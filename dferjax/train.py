@@ -135,6 +135,15 @@ def init_train_accumulator(loss_terms: tuple[str, ...]) -> dict[str, Any]:
   return {'sums': sums, 'count': jnp.zeros((), jnp.int32), 'first_nonfinite_step': jnp.full((), -1, jnp.int32)}
 
 
+def model_inputs(model, batch: dict) -> dict:
+  """The batch fields a model takes besides the video (its `model_inputs`, e.g. EST's 'permutation')."""
+  if missing := [name for name in model.model_inputs if name not in batch]:
+    raise ValueError(f'{type(model).__name__} takes the batch fields {list(model.model_inputs)}, but the batch lacks '
+                     f'{missing} (it has {sorted(batch)}): add the clip transform that makes them to '
+                     'config.input.transforms')
+  return {name: batch[name] for name in model.model_inputs}
+
+
 def train_step(state: TrainState, accumulator: dict, batch: dict, *, model, loss_fn, rng: jax.Array,
                dtype) -> tuple[TrainState, dict]:
   """One optimizer step on a global batch; metrics are summed into `accumulator` on device (no host sync).
@@ -146,9 +155,11 @@ def train_step(state: TrainState, accumulator: dict, batch: dict, *, model, loss
   rngs = dict(zip(model.rng_streams, jax.random.split(step_rng, len(model.rng_streams))))
   video = batch['video'].astype(dtype) / 255  # uint8 crosses the host link; scaling happens here
 
+  inputs = model_inputs(model, batch)
+
   def loss_of(params):
-    (logits, aux), updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, video, train=True,
-                                         rngs=rngs, mutable=['batch_stats'])
+    (logits, aux), updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, video, **inputs,
+                                         train=True, rngs=rngs, mutable=['batch_stats'])
     logits = logits.astype(jnp.float32)
     total, terms = loss_fn(logits, aux, batch)
     return total.mean(), (logits, terms, updates)
@@ -171,7 +182,8 @@ def train_step(state: TrainState, accumulator: dict, batch: dict, *, model, loss
 def eval_step(state, confusions: dict, batch: dict, *, model, heads, dtype, num_classes: int) -> dict:
   """Adds one batch to the confusion matrix of every head ('classes': the emotions; the model's metric heads)."""
   video = batch['video'].astype(dtype) / 255
-  logits, aux = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, video, train=False)
+  logits, aux = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, video,
+                            **model_inputs(model, batch), train=False)
   batch_confusions = metrics.head_confusions(logits, aux, batch, heads, num_classes)
   return jax.tree.map(jnp.add, confusions, batch_confusions)
 

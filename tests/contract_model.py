@@ -19,6 +19,7 @@ class OrderNet(nn.Module):
 
   rng_streams: ClassVar[tuple[str, ...]] = ('dropout',)
   classifier_names: ClassVar[tuple[str, ...]] = ('head', 'order_head')
+  model_inputs: ClassVar[tuple[str, ...]] = ()  # batch fields __call__ takes besides the video
 
   def metric_heads(self) -> dict:
     return {'order': metrics.MetricHead(output='order_logits', labels='permutation',

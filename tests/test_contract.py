@@ -131,3 +131,19 @@ def test_snippet_sampler_trains_end_to_end_at_224_px(tmp_path_factory, order_net
   result = train.train_and_evaluate(config, str(workdir))
   assert np.array(result['confusion']).sum() == 7 and np.array(result['order']['confusion']).sum() == 7
   assert os.path.isdir(workdir / 'checkpoints' / '2')
+
+
+def test_a_model_input_batch_field_reaches_est_in_train_and_eval(tmp_path, data_dir):
+  """EST takes 'permutation' (drawn by the draw_permutation transform) as a model input; its order head is scored
+  as the metric head 'order' and both loss terms are logged."""
+  config = order_config(data_dir, epochs=1, **{
+      'model_name': 'est', 'model': dict(num_frames=7, num_snippets=7, backbone_width=4, hidden_dim=32,
+                                         num_encoder_layers=1, num_decoder_layers=1, classifier_dims=(8,),
+                                         order_head_dims=(16,)),
+      'input.transforms': {'draw_permutation': {}}, 'loss': dict(name='order', order_weight=0.1428),
+      'steps_per_epoch': 2})
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert np.array(result['order']['confusion']).sum() == 7
+  train_records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')
+                   if json.loads(line)['split'] == 'train']
+  assert all(record['order'] > 0 and record['cross_entropy'] > 0 for record in train_records)

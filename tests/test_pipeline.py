@@ -366,7 +366,7 @@ def test_shuffle_snippets_permutes_whole_snippets_and_adds_the_index():
   drawn = set()
   for seed in range(40):
     out = transform.random_map(element, np.random.default_rng(seed))
-    order = pipeline.EST_PERMUTATIONS[int(out['permutation'])]
+    order = sampling.EST_PERMUTATIONS[int(out['permutation'])]
     want = np.concatenate([video[2 * k:2 * k + 2] for k in order])
     np.testing.assert_array_equal(out['video'], want)
     assert out['label'] == 3 and out['permutation'].dtype == np.int32

@@ -30,11 +30,6 @@ from dferjax.data import sampling
 Sampler = sampling.SegmentSampler | sampling.SnippetSampler
 RECORD_KEYS = ('frames', 'label', 'clip_id')
 
-# EST's 10 fixed orders of 7 snippets (its datasets/permutation_10.npy, refs.md §1.7).
-EST_PERMUTATIONS = ((0, 4, 3, 2, 6, 1, 5), (5, 3, 1, 6, 4, 0, 2), (0, 4, 3, 5, 2, 6, 1), (5, 4, 3, 2, 1, 0, 6),
-                    (5, 1, 2, 4, 0, 6, 3), (0, 5, 2, 6, 4, 1, 3), (3, 1, 5, 0, 6, 2, 4), (2, 3, 0, 4, 1, 6, 5),
-                    (5, 0, 4, 1, 3, 2, 6), (0, 3, 2, 6, 4, 5, 1))
-
 
 def clip_name(record) -> str:
   clip_id = record.get('clip_id', '?')
@@ -155,7 +150,7 @@ class ShuffleSnippets(grain.transforms.RandomMap):
   generator is seeded by the record's index (EvalClip), so a split is scored on the same shuffles every time.
   """
   num_snippets: int = 7
-  permutations: tuple = EST_PERMUTATIONS
+  permutations: tuple = sampling.EST_PERMUTATIONS
 
   def __post_init__(self):
     table = np.asarray(self.permutations)
@@ -174,9 +169,21 @@ class ShuffleSnippets(grain.transforms.RandomMap):
     return {**element, 'video': shuffled, 'permutation': np.int32(index)}
 
 
+@dataclasses.dataclass(frozen=True)
+class DrawPermutation(grain.transforms.RandomMap):
+  """Adds a uniformly drawn index into a table of `num_permutations` snippet orders as the batch field
+  'permutation' int32 [] and leaves the video in order: for a model that shuffles its snippet features itself
+  (EST, which scores the emotion on the ordered clip and the order on the shuffled one in one pass of the
+  backbone)."""
+  num_permutations: int = len(sampling.EST_PERMUTATIONS)
+
+  def random_map(self, element, rng: np.random.Generator):
+    return {**element, 'permutation': np.int32(rng.integers(self.num_permutations))}
+
+
 # Clip transforms a config may name (`config.input.transforms = {name: {field: value}}`), applied in that order
 # to each clip's batch fields, after augmentation.
-CLIP_TRANSFORMS = {'shuffle_snippets': ShuffleSnippets}
+CLIP_TRANSFORMS = {'shuffle_snippets': ShuffleSnippets, 'draw_permutation': DrawPermutation}
 
 
 def make_clip_transforms(spec) -> tuple:

@@ -160,6 +160,12 @@ class SnippetSampler:
 
 SAMPLERS = {'segments': SegmentSampler, 'snippets': SnippetSampler}
 
+# EST's 10 fixed orders of 7 snippets (its datasets/permutation_10.npy, refs.md §1.7): slot j of a shuffled clip
+# holds snippet EST_PERMUTATIONS[k][j].
+EST_PERMUTATIONS = ((0, 4, 3, 2, 6, 1, 5), (5, 3, 1, 6, 4, 0, 2), (0, 4, 3, 5, 2, 6, 1), (5, 4, 3, 2, 1, 0, 6),
+                    (5, 1, 2, 4, 0, 6, 3), (0, 5, 2, 6, 4, 1, 3), (3, 1, 5, 0, 6, 2, 4), (2, 3, 0, 4, 1, 6, 5),
+                    (5, 0, 4, 1, 3, 2, 6), (0, 3, 2, 6, 4, 5, 1))
+
 
 def make_sampler(spec) -> SegmentSampler | SnippetSampler:
   """A sampler from an instance, a name in SAMPLERS (default fields), or a mapping `{name, **fields}`

@@ -3,10 +3,11 @@ import dataclasses
 
 import flax.linen as nn
 
+from dferjax.models.est import EST
 from dferjax.models.nr_dfernet import NRDFERNet
 from dferjax.models.stt import STT
 
-MODELS = {'stt': STT, 'nr_dfernet': NRDFERNet}
+MODELS = {'stt': STT, 'nr_dfernet': NRDFERNet, 'est': EST}
 
 _NOT_FIELDS = ('parent', 'name', 'num_classes')
 

@@ -133,6 +133,7 @@ class NRDFERNet(nn.Module):
 
   rng_streams: ClassVar[tuple[str, ...]] = ()  # no dropout or stochastic depth
   classifier_names: ClassVar[tuple[str, ...]] = ('head',)
+  model_inputs: ClassVar[tuple[str, ...]] = ()  # batch fields __call__ takes besides the video
 
   def metric_heads(self) -> dict:
     if not self.snippet_filter:

@@ -79,6 +79,7 @@ class STT(nn.Module):
 
   rng_streams: ClassVar[tuple[str, ...]] = ('drop_path',)  # the RNGs a training forward pass draws from
   classifier_names: ClassVar[tuple[str, ...]] = ('head',)  # top-level parameters init_from.reset_classifier drops
+  model_inputs: ClassVar[tuple[str, ...]] = ()  # batch fields __call__ takes besides the video
 
   def metric_heads(self) -> dict:
     return {}  # one head: the emotion classes
