@@ -54,8 +54,9 @@ class SnippetFeatureExtractor(nn.Module):
 
   @nn.compact
   def __call__(self, frames: jax.Array, *, train: bool) -> jax.Array:
-    attended = layers.PostNormAttention(self.num_heads, self.dropout_rate, dtype=self.dtype,
-                                        param_dtype=self.param_dtype, name='attention')(frames, train=train)  # Eq. 1
+    attended = layers.PostNormAttention(self.num_heads, self.dropout_rate, kernel_init=nn.initializers.xavier_uniform(),
+                                        dtype=self.dtype, param_dtype=self.param_dtype, name='attention')(
+                                            frames, train=train)  # Eq. 1; torch MultiheadAttention's xavier init
     attended = attended.astype(jnp.float32)
     pooled = attended.max(axis=-2, keepdims=True)  # r-hat': the max over the snippet's frames
     # Eq. (2) as torch's CosineSimilarity(eps=1e-8), clamped at 1e-8 as the public code (so weights stay positive).
@@ -73,7 +74,7 @@ class InProjection(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, parts: slice) -> jax.Array:
-    kernel = self.param('kernel', layers.torch_linear_kernel_init, (self.dim, 3 * self.dim), self.param_dtype)
+    kernel = self.param('kernel', layers.kaiming_uniform, (self.dim, 3 * self.dim), self.param_dtype)
     bias = self.param('bias', layers.torch_linear_bias_init(self.dim), (3 * self.dim,), self.param_dtype)
     columns = slice(parts.start * self.dim, parts.stop * self.dim)
     return x.astype(self.dtype) @ kernel[:, columns].astype(self.dtype) + bias[columns].astype(self.dtype)
@@ -98,11 +99,15 @@ class CrossAttention(nn.Module):
     weights = nn.Dropout(self.dropout_rate)(jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
                                             deterministic=not train).astype(v.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v[:, :, 0]).reshape(batch, num_queries, dim)
-    return layers.torch_dense(dim, dim, dtype=self.dtype, param_dtype=self.param_dtype, name='proj')(out)
+    return layers.torch_dense(dim, dim, layers.kaiming_uniform, dtype=self.dtype, param_dtype=self.param_dtype,
+                              name='proj')(out)
 
 
 class FeedForward(nn.Module):
-  """Linear -> ReLU -> Dropout -> Linear, torch.nn.Transformer's feed-forward."""
+  """Linear -> ReLU -> Dropout -> Linear, torch.nn.Transformer's feed-forward.
+
+  Every weight matrix of the transformer (attention projections, feed-forward) starts from kaiming_uniform_,
+  as the public code's `_reset_parameters` re-draws them (refs.md §1.7); biases keep torch's Linear default."""
   hidden_dim: int = 2048
   dropout_rate: float = 0.1
   dtype: Any = jnp.float32
@@ -111,10 +116,11 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     dim = x.shape[-1]
-    x = nn.relu(layers.torch_dense(self.hidden_dim, dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                                   name='fc1')(x))
+    dense = lambda features, in_features, name: layers.torch_dense(
+        features, in_features, layers.kaiming_uniform, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    x = nn.relu(dense(self.hidden_dim, dim, 'fc1')(x))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    return layers.torch_dense(dim, self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype, name='fc2')(x)
+    return dense(dim, self.hidden_dim, 'fc2')(x)
 
 
 class EncoderLayer(nn.Module):
@@ -129,7 +135,8 @@ class EncoderLayer(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=not train)
-    x = layers.PostNormAttention(self.num_heads, self.dropout_rate, name='self_attention', **kwargs)(x, train=train)
+    x = layers.PostNormAttention(self.num_heads, self.dropout_rate, layers.kaiming_uniform, name='self_attention',
+                                 **kwargs)(x, train=train)
     y = FeedForward(self.hidden_dim, self.dropout_rate, name='feed_forward', **kwargs)(x, train=train)
     return nn.LayerNorm(epsilon=1e-5, name='feed_forward_norm', **kwargs)(x + drop(y))
 
@@ -147,7 +154,8 @@ class DecoderLayer(nn.Module):
     kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     norm = lambda name: nn.LayerNorm(epsilon=1e-5, name=name, **kwargs)
-    x = layers.PostNormAttention(self.num_heads, self.dropout_rate, name='self_attention', **kwargs)(x, train=train)
+    x = layers.PostNormAttention(self.num_heads, self.dropout_rate, layers.kaiming_uniform, name='self_attention',
+                                 **kwargs)(x, train=train)
     y = CrossAttention(self.num_heads, self.dropout_rate, name='cross_attention', **kwargs)(x, memory, train=train)
     x = norm('cross_attention_norm')(x + drop(y))
     y = FeedForward(self.hidden_dim, self.dropout_rate, name='feed_forward', **kwargs)(x, train=train)

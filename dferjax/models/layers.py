@@ -28,10 +28,14 @@ def torch_linear_bias_init(fan_in: int):
   return init
 
 
-def torch_dense(features: int, in_features: int, **kwargs) -> nn.Dense:
-  """nn.Dense initialised like torch.nn.Linear, for models whose reference code keeps torch defaults."""
-  return nn.Dense(features, kernel_init=torch_linear_kernel_init,
+def torch_dense(features: int, in_features: int, kernel_init=None, **kwargs) -> nn.Dense:
+  """nn.Dense initialised like torch.nn.Linear (or with `kernel_init`, where the reference code re-draws weights)."""
+  return nn.Dense(features, kernel_init=kernel_init or torch_linear_kernel_init,
                   bias_init=torch_linear_bias_init(in_features), **kwargs)
+
+
+# torch's kaiming_uniform_(a=0) on a weight: U(+-sqrt(6 / fan_in)) (EST's transformer re-draws its weights so).
+kaiming_uniform = nn.initializers.variance_scaling(2.0, 'fan_in', 'uniform')
 
 
 def merge_frames(video: jax.Array) -> jax.Array:
@@ -67,6 +71,7 @@ class MultiHeadSelfAttention(nn.Module):
   head_dim: Optional[int] = None  # None: dim // num_heads; else inner width num_heads * head_dim (Former-DFER)
   attention_dropout: float = 0.0  # on the attention weights, as torch's nn.MultiheadAttention(dropout=...)
   attention_impl: str = 'xla'  # 'cudnn': flash attention on GPU (bf16/fp16 only)
+  kernel_init: Optional[Any] = None  # None: torch.nn.Linear's default for qkv and proj
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -79,7 +84,7 @@ class MultiHeadSelfAttention(nn.Module):
       raise ValueError(f'dim {dim} is not divisible by num_heads {self.num_heads}')
     head_dim = self.head_dim or dim // self.num_heads
     inner_dim = self.num_heads * head_dim
-    qkv = torch_dense(3 * inner_dim, dim, use_bias=self.qkv_bias, dtype=self.dtype,
+    qkv = torch_dense(3 * inner_dim, dim, self.kernel_init, use_bias=self.qkv_bias, dtype=self.dtype,
                       param_dtype=self.param_dtype, name='qkv')(x)
     # jax.nn.dot_product_attention wants exactly [batch, tokens, heads, head_dim].
     qkv = qkv.reshape(-1, num_tokens, 3, self.num_heads, head_dim)
@@ -89,7 +94,8 @@ class MultiHeadSelfAttention(nn.Module):
       weights = nn.Dropout(self.attention_dropout)(jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
                                                    deterministic=False).astype(value.dtype)
       out = jnp.einsum('bhqk,bkhd->bqhd', weights, value).reshape(*batch_shape, num_tokens, inner_dim)
-      return torch_dense(dim, inner_dim, dtype=self.dtype, param_dtype=self.param_dtype, name='proj')(out)
+      return torch_dense(dim, inner_dim, self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name='proj')(out)
     try:
       out = jax.nn.dot_product_attention(query, key, value, implementation=self.attention_impl)
     except NotImplementedError as error:  # cuDNN refuses some shapes, e.g. STT's odd 49/17-token training
@@ -97,7 +103,8 @@ class MultiHeadSelfAttention(nn.Module):
           f"attention_impl='{self.attention_impl}' cannot run {num_tokens} tokens with head_dim {head_dim} "
           f"({error}); set config.model.attention_impl='xla'") from error
     out = out.reshape(*batch_shape, num_tokens, inner_dim)
-    return torch_dense(dim, inner_dim, dtype=self.dtype, param_dtype=self.param_dtype, name='proj')(out)
+    return torch_dense(dim, inner_dim, self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name='proj')(out)
 
 
 class Mlp(nn.Module):
@@ -128,14 +135,15 @@ class PostNormAttention(nn.Module):
   x: [*batch, tokens, dim]; the 'dropout' RNG stream in training."""
   num_heads: int = 4
   dropout_rate: float = 0.1
+  kernel_init: Optional[Any] = None  # None: torch.nn.Linear's default
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     attended = MultiHeadSelfAttention(self.num_heads, qkv_bias=True, attention_dropout=self.dropout_rate,
-                                      dtype=self.dtype, param_dtype=self.param_dtype, name='attention')(
-                                          x, deterministic=not train)
+                                      kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                                      name='attention')(x, deterministic=not train)
     attended = nn.Dropout(self.dropout_rate)(attended, deterministic=not train)
     return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, name='norm')(x + attended)
 
