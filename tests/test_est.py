@@ -75,6 +75,7 @@ def test_draw_permutation_transform_and_missing_field_error():
 def test_ablation_and_code_arguments():
   ablation = configlib.load_config('configs/est_dfew.py', 'ssop=false')
   assert (ablation.model.ssop, ablation.loss.name, dict(ablation.input.transforms)) == (False, 'cross_entropy', {})
+  assert train.model_inputs(train.build_model(ablation), {'video': None}) == {}  # no permutation needed
   code = configlib.load_config('configs/est_dfew.py', 'positions=original,fold=3')
   assert (code.model.snippet_positions, code.dataset.name) == ('original', 'dfew/fold3_px224')
   afew = configlib.load_config('configs/est_afew.py')

@@ -212,7 +212,10 @@ class EST(nn.Module):
 
   rng_streams: ClassVar[tuple[str, ...]] = ('dropout',)
   classifier_names: ClassVar[tuple[str, ...]] = ('classifier', 'order_head')
-  model_inputs: ClassVar[tuple[str, ...]] = ('permutation',)
+
+  @property
+  def model_inputs(self) -> tuple[str, ...]:
+    return ('permutation',) if self.ssop else ()  # the order of the shuffled pass (draw_permutation)
 
   def metric_heads(self) -> dict:
     if not self.ssop:
