@@ -11,8 +11,10 @@ same optimizer and precision policy, same machine and run, so every figure is al
 compiled ahead of time so the compile time and memory analysis come from the executable that is timed. FLOPs
 come from XLA's cost analysis of the same step lowered, before GPU compilation hides convolutions in cuDNN calls
 (on GPU, a CPU worker lowers it). PyTorch (`dferjax.reference.torch_bench`): the transcription (for STT
-`dferjax.reference.torch_stt`) with the flax init copied in, SGD(momentum 0.9, weight_decay 1e-4) = optax
-add_decayed_weights + sgd, the config's loss, bf16 as AMP autocast, channels_last, eager and `torch.compile`.
+`dferjax.reference.torch_stt`) with the flax init copied in, the config's optimizer (STT: SGD(momentum 0.9,
+weight_decay 1e-4) = optax add_decayed_weights + sgd; EST: Adam) and loss, bf16 as AMP autocast, channels_last,
+eager and `torch.compile`. A model's other inputs (EST: a permutation index per clip, its row's batch_fields) are
+drawn with the batch and passed to both models. EST at --model paper is 35 frames of 224 px per clip: a GPU size.
 Timing: `--steps` steps in windows of `--window`, one device sync per window, median per-step time over windows.
 One uint8 batch is reused every step: this measures the device, not the input pipeline (scripts/bench_input.py
 does that).
@@ -38,8 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import nr_dfernet_dfew, stt_dfew
+from configs import est_dfew, nr_dfernet_dfew, stt_dfew
 from dferjax import benchmarking, configlib, models, sharding, train
+from dferjax.data import sampling
 
 FLAGS = flags.FLAGS
 
@@ -115,6 +118,37 @@ def nr_dfernet_reference(config, variables: dict):
   return FilteredLogits()
 
 
+def est_reference(config, variables: dict):
+  """EST's PyTorch transcription holding `variables`, returning (logits, {'order_logits': ...}) as dferjax's EST.
+  Training runs the transcription's forward (the clip shuffled before the backbone); evaluation runs the backbone
+  once on the ordered clip and shuffles its snippet features, as dferjax's evaluation does (the transcription's
+  eval forward runs the backbone on the shuffled and on the ordered clip: the same logits, twice the frames)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from dferjax.reference import torch_est  # pylint: disable=import-outside-toplevel
+  model = torch_est.EST(config.num_classes, **torch_model_fields(config))
+  torch_est.load_flax_variables(model, variables)
+
+  class ClassAndOrderLogits(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.model = model
+
+    def forward(self, video, permutation=None):
+      if self.training or not model.ssop:
+        logits, order_logits = self.model(video, permutation)
+        return logits, {} if order_logits is None else {'order_logits': order_logits}
+      b = video.shape[0]
+      snippets = model.snippets(video.reshape(b, model.num_snippets, model.frames_per_snippet, *video.shape[2:]))
+      in_order = torch.arange(model.num_snippets, device=video.device).expand(b, -1)
+      order = model.permutations[permutation]
+      shuffled = snippets[torch.arange(b, device=video.device)[:, None], order]
+      emotion = model.emotion(shuffled, in_order if model.snippet_positions == 'slot' else order)
+      order_logits = model.order_head((shuffled + emotion[:, None]).flatten(1))
+      return model.classifier(model.emotion(snippets, in_order)), {'order_logits': order_logits}
+
+  return ClassAndOrderLogits()
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchModel:
   """What the benchmark needs of one model; a new model adds a row to BENCH_MODELS."""
@@ -123,6 +157,8 @@ class BenchModel:
   tiny_input: dict  # config.input fields for --model=tiny (a sampler giving tiny_model's frames, image_size)
   torch_reference: Callable  # (config, flax variables) -> the torch transcription holding those weights
   jax_only_fields: tuple[str, ...] = ()  # config.model fields the transcription does not take
+  # Batch fields besides video/label/mask (the model's inputs): name -> (dtype, high), drawn in [0, high).
+  batch_fields: dict = dataclasses.field(default_factory=dict)
 
 
 BENCH_MODELS = {
@@ -141,6 +177,15 @@ BENCH_MODELS = {
                              tiny_input=dict(sampler=configlib.segment_sampler(num_segments=4, frames_per_segment=2),
                                              image_size=32),
                              torch_reference=nr_dfernet_reference),
+    # configs/demo_synthetic.py:model=est's sizes (d = 128, 1 + 1 layers) on 32 px, 7 snippets x 2 frames, with
+    # SSOP on as in the paper config (its 'order' loss).
+    'est': BenchModel(est_dfew, tiny_model=dict(num_frames=14, num_snippets=7, backbone_width=16, num_heads=4,
+                                                num_encoder_layers=1, num_decoder_layers=1, hidden_dim=256,
+                                                dropout_rate=0.1, classifier_dims=(64, 32), classifier_dropout=0.4,
+                                                ssop=True, snippet_positions='slot', order_head_dims=(256, 64)),
+                      tiny_input=dict(sampler={'name': 'snippets', 'frames_per_snippet': 2}, image_size=32),
+                      torch_reference=est_reference,
+                      batch_fields={'permutation': ('int32', len(sampling.EST_PERMUTATIONS))}),
 }
 QUICK = dict(model='tiny', batch_sizes=['8', '16'], dtypes=['float32'], steps=12, warmup=2, window=3,
              max_batch=False)
@@ -196,12 +241,21 @@ def settings_config(settings: dict, dtype: str, **impls):
   return bench_config(settings['model_name'], settings['model'], dtype, seed=settings['seed'], **impls)
 
 
+def batch_fields(config) -> dict[str, tuple[str, int]]:
+  """The model's batch fields besides video/label/mask (its BenchModel row's), by name: (dtype, high)."""
+  return dict(sorted(bench_model(config.model_name).batch_fields.items()))
+
+
 def host_batch(config, batch_size: int, seed: int) -> dict[str, np.ndarray]:
-  """The same uint8 batch in every worker (numpy, seeded)."""
+  """The same uint8 batch in every worker (numpy, seeded), with the model's own fields (e.g. EST's permutation
+  per clip) drawn after the video and labels."""
   rng = np.random.default_rng(seed)
-  return {'video': rng.integers(0, 256, train.video_shape(config, batch_size), dtype=np.uint8),
-          'label': rng.integers(0, config.num_classes, batch_size).astype(np.int32),
-          'mask': np.ones(batch_size, bool)}
+  batch = {'video': rng.integers(0, 256, train.video_shape(config, batch_size), dtype=np.uint8),
+           'label': rng.integers(0, config.num_classes, batch_size).astype(np.int32),
+           'mask': np.ones(batch_size, bool)}
+  for name, (dtype, high) in batch_fields(config).items():
+    batch[name] = rng.integers(0, high, batch_size).astype(dtype)
+  return batch
 
 
 def describe_error(error: BaseException) -> str:
@@ -235,7 +289,9 @@ def abstract_step_inputs(config, batch_size: int, steps) -> dict:
 
   batch = abstract({'video': jax.ShapeDtypeStruct(train.video_shape(config, batch_size), jnp.uint8),
                     'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-                    'mask': jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}, steps.batch_sharding)
+                    'mask': jax.ShapeDtypeStruct((batch_size,), jnp.bool_),
+                    **{name: jax.ShapeDtypeStruct((batch_size,), dtype)
+                       for name, (dtype, _) in batch_fields(config).items()}}, steps.batch_sharding)
   accumulator = abstract(jax.eval_shape(steps.init_accumulator), steps.replicated)
   confusions = abstract(jax.eval_shape(lambda: steps.init_confusions(config.num_classes)), steps.replicated)
   return {'train': (steps.train, (steps.abstract_state, accumulator, batch)),
@@ -323,11 +379,14 @@ def bench_jax(config, batch: dict, steps_flags: dict, profile_dir: str = '') -> 
 def largest_train_batch(config, start: int, settings: dict) -> dict:
   """Doubles then bisects the train batch until XLA runs out of memory (at compile or at run time)."""
   steps = train.make_steps(config, steps_per_epoch=STEPS_PER_EPOCH)
+  fields = batch_fields(config)
 
   def run_two_steps(batch_size):
     shape = train.video_shape(config, batch_size)
     make_batch = jax.jit(lambda: {'video': jnp.zeros(shape, jnp.uint8), 'label': jnp.zeros(batch_size, jnp.int32),
-                                  'mask': jnp.ones(batch_size, bool)}, out_shardings=steps.batch_sharding)
+                                  'mask': jnp.ones(batch_size, bool),
+                                  **{name: jnp.zeros(batch_size, dtype) for name, (dtype, _) in fields.items()}},
+                         out_shardings=steps.batch_sharding)
     state, accumulator = steps.init(jax.random.key(config.seed)), steps.init_accumulator()
     batch = make_batch()
     compiled = steps.train.lower(state, accumulator, batch).compile()
@@ -404,8 +463,9 @@ def run_jax_worker(settings: dict, folder: str, output: dict) -> dict:
         continue
       if not saved:  # the initial weights do not depend on dtype or batch; float32 logits for the parity check
         save_variables(os.path.join(folder, 'variables.npz'), variables)
-        np.save(os.path.join(folder, 'reference_logits.npy'), reference_logits(settings, variables, batch))
-        np.save(os.path.join(folder, 'reference_batch.npy'), batch['video'][:2])
+        reference_batch = {name: batch[name][:2] for name in ('video', *batch_fields(config))}
+        np.savez(os.path.join(folder, 'reference_logits.npz'), **reference_logits(settings, variables, reference_batch))
+        np.savez(os.path.join(folder, 'reference_batch.npz'), **reference_batch)
         saved = True
       gc.collect()
       yield
@@ -419,12 +479,14 @@ def run_jax_worker(settings: dict, folder: str, output: dict) -> dict:
       yield
 
 
-def reference_logits(settings: dict, variables: dict, batch: dict) -> np.ndarray:
-  """Float32 eval logits of the first two clips: the torch workers check they hold the same weights."""
+def reference_logits(settings: dict, variables: dict, batch: dict) -> dict[str, np.ndarray]:
+  """Float32 eval logits of `batch` (a few clips), the class logits as 'logits' and the auxiliary outputs by
+  name: the torch workers check they hold the same weights."""
   model = train.build_model(settings_config(settings, 'float32', **IMPL_DEFAULTS))
-  video = batch['video'][:2] / np.float32(255)
-  logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, video)
-  return np.asarray(logits)
+  video = batch['video'] / np.float32(255)
+  logits, aux = jax.jit(lambda v, x, inputs: model.apply(v, x, **inputs, train=False))(
+      variables, video, train.model_inputs(model, batch))
+  return {'logits': np.asarray(logits), **{name: np.asarray(value) for name, value in aux.items()}}
 
 
 def save_variables(path: str, variables: dict):
@@ -460,18 +522,23 @@ def load_variables(path: str) -> dict:
 def run_torch_worker(settings: dict, folder: str, mode: str, output: dict):
   """Fills `output` as it goes (worker_main writes it after every measurement)."""
   from dferjax.reference import torch_bench  # pylint: disable=import-outside-toplevel  # torch workers only
+  check_config = settings_config(settings, 'float32', **IMPL_DEFAULTS)
   bench = torch_bench.TorchBench(
       bench_model(settings['model_name']).torch_reference, load_variables(os.path.join(folder, 'variables.npz')),
       mode, seed=settings['seed'], channels_last=settings['channels_last'],
       compile_mode=settings['torch_compile_mode'],
-      threads=settings['torch_threads'] or benchmarking.machine_info()['cores_visible'])
+      threads=settings['torch_threads'] or benchmarking.machine_info()['cores_visible'],
+      model_inputs=train.build_model(check_config).model_inputs)  # EST's is a property (SSOP or not)
   info = bench.configure()
   results = []
   output.update({'info': info, 'results': results})
   steps_flags = {k: settings[k] for k in ('steps', 'warmup', 'window')}
-  info['logit_max_abs_difference'] = bench.logit_difference(
-      settings_config(settings, 'float32', **IMPL_DEFAULTS), np.load(os.path.join(folder, 'reference_batch.npy')),
-      np.load(os.path.join(folder, 'reference_logits.npy')))
+  with np.load(os.path.join(folder, 'reference_batch.npz')) as batch, \
+       np.load(os.path.join(folder, 'reference_logits.npz')) as logits:
+    differences = bench.logit_difference(check_config, dict(batch), dict(logits))
+  info['logit_max_abs_difference'] = differences.pop('logits')
+  if differences:  # auxiliary outputs, e.g. EST's order logits
+    info['aux_logit_max_abs_difference'] = differences
   for dtype in settings['dtypes']:
     config = settings_config(settings, dtype)
     for batch_size in settings['batch_sizes']:
@@ -642,6 +709,11 @@ def print_report(report: dict):
       if 'error' in result['torch'][mode]:
         print(f"torch {mode} failed ({result['dtype']}, batch {result['batch_size']}): "
               f"{result['torch'][mode]['error']}")
+  for mode, info in report['torch'].items():
+    if 'logit_max_abs_difference' in info:
+      aux = ''.join(f', {name} {value:.2e}' for name, value in info.get('aux_logit_max_abs_difference', {}).items())
+      print(f'torch {mode} vs dferjax, same weights: eval logits max |difference| '
+            f"{info['logit_max_abs_difference']:.2e}{aux}")
   for dtype, search in report['max_batch'].items():
     print(f"largest dferjax train batch ({dtype}): {search.get('largest', search.get('skipped'))}")
   for note in report['notes']:
@@ -693,7 +765,7 @@ def main(argv):
 
   notes = ['One uint8 batch reused every step: device compute only, no input pipeline.',
            'FLOPs: XLA cost analysis of the lowered (pre-optimisation) step per clip, the same on every backend '
-           '(train: forward, backward, SGD update); '
+           '(train: forward, backward, optimizer update); '
            'torch matmul_conv_flops_per_clip counts matmuls/convs only (torch.utils.flop_counter).',
            'Each framework ran in its own process, one after the other.',
            (f'dferjax used the persistent compilation cache {settings["compilation_cache"]}: compile_s is a warm '

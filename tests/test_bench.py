@@ -91,6 +91,73 @@ def test_torch_compact_loss_matches_dferjax():
     torch_bench.torch_loss({'name': 'order'})
 
 
+def test_torch_order_loss_matches_dferjax():
+  torch = pytest.importorskip('torch')
+  from dferjax.reference import torch_bench  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  logits, order_logits = np.float32(rng.normal(size=(6, 7)) * 3), np.float32(rng.normal(size=(6, 10)) * 3)
+  batch = {'label': rng.integers(0, 7, size=6).astype(np.int32),
+           'permutation': rng.integers(0, 10, size=6).astype(np.int32)}
+  want, _ = losses.OrderLoss(order_weight=0.25)(logits, {'order_logits': order_logits}, batch)
+  torch_batch = {name: torch.tensor(value).long() for name, value in batch.items()}
+  got = torch_bench.torch_batch_loss({'name': 'order', 'order_weight': 0.25})(
+      torch.tensor(logits), {'order_logits': torch.tensor(order_logits)}, torch_batch)
+  np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(torch_bench.torch_order_loss(torch.tensor(logits), torch.tensor(order_logits),
+                                                          torch_batch['label'], torch_batch['permutation'], 0.25),
+                             want, rtol=1e-5, atol=1e-6)
+  # dferjax's default weight (the code's 1/7) reaches torch; the losses of (logits, labels) read batch['label'].
+  default, _ = losses.OrderLoss()(logits, {'order_logits': order_logits}, batch)
+  np.testing.assert_allclose(torch_bench.torch_batch_loss({'name': 'order'})(
+      torch.tensor(logits), {'order_logits': torch.tensor(order_logits)}, torch_batch), default, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(torch_bench.torch_batch_loss({'name': 'compact'})(torch.tensor(logits), {}, torch_batch),
+                             losses.compact_softmax_cross_entropy(logits, batch['label']), rtol=1e-5, atol=1e-6)
+
+
+def test_host_batch_draws_the_rows_batch_fields():
+  """EST's row adds a permutation index per clip, seeded and in range, to the batch and to the abstract inputs
+  the FLOPs are lowered on; a model without batch_fields keeps video/label/mask, drawn as before."""
+  bench_train = load_bench_train()
+  est = bench_train.bench_config('est', 'tiny', 'float32')
+  batch = bench_train.host_batch(est, 64, seed=5)
+  assert set(batch) == {'video', 'label', 'mask', 'permutation'}
+  assert batch['permutation'].dtype == np.int32 and batch['permutation'].shape == (64,)
+  assert 0 <= batch['permutation'].min() and batch['permutation'].max() < 10
+  assert len(set(batch['permutation'].tolist())) > 1
+  np.testing.assert_array_equal(bench_train.host_batch(est, 64, seed=5)['permutation'], batch['permutation'])
+  stt = bench_train.bench_config('stt', 'tiny', 'float32')
+  stt_batch = bench_train.host_batch(stt, 4, seed=5)
+  assert set(stt_batch) == {'video', 'label', 'mask'}
+  rng = np.random.default_rng(5)
+  np.testing.assert_array_equal(stt_batch['video'], rng.integers(0, 256, (4, 4, 32, 32, 3), dtype=np.uint8))
+  steps = train.make_steps(est, steps_per_epoch=bench_train.STEPS_PER_EPOCH)
+  _, (_, _, abstract_batch) = bench_train.abstract_step_inputs(est, 4, steps)['train']
+  assert abstract_batch['permutation'].shape == (4,) and abstract_batch['permutation'].dtype == np.int32
+
+
+def test_est_reference_evaluates_as_the_transcription():
+  """The benchmark's torch EST runs the backbone once in evaluation (as dferjax does), where the transcription's
+  eval forward runs it on the shuffled and the ordered clip: both give the same class and order logits."""
+  torch = pytest.importorskip('torch')
+  bench_train = load_bench_train()
+  config = bench_train.bench_config('est', 'tiny', 'float32')
+  model = train.build_model(config)
+  shapes = jax.eval_shape(lambda: train.init_variables(model, jax.random.key(0), train.video_shape(config, 1)))
+  rng = np.random.default_rng(0)
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, x: np.float32(rng.uniform(0.5, 1.5, x.shape) if path[-1].key == 'var'
+                                 else rng.normal(size=x.shape) * 0.1), shapes)
+  reference = bench_train.est_reference(config, variables).eval()
+  video, permutation = torch.rand(3, 14, 3, 32, 32), torch.tensor([0, 4, 9])
+  with torch.inference_mode():
+    logits, aux = reference(video, permutation)
+    want_logits, want_order_logits = reference.model(video, permutation)
+  torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-5)
+  torch.testing.assert_close(aux['order_logits'], want_order_logits, rtol=1e-4, atol=1e-5)
+  logits, aux = reference.train()(video, permutation)
+  assert logits.shape == (3, config.num_classes) and aux['order_logits'].shape == (3, 10)
+
+
 def test_model_name_picks_a_row_and_an_unknown_name_fails_clearly():
   bench_train = load_bench_train()
   config = bench_train.bench_config('stt', 'tiny', 'bfloat16', seed=3, max_pool_impl='slices')
@@ -101,10 +168,15 @@ def test_model_name_picks_a_row_and_an_unknown_name_fails_clearly():
   assert set(bench_train.torch_model_fields(config)) == {
       'num_frames', 'embed_dim', 'num_layers', 'num_heads', 'mlp_ratio', 'drop_path_rate', 'backbone_stage',
       'backbone_width'}
-  with pytest.raises(ValueError, match=r"'vivit' is not a model; benchmarked models: \['nr_dfernet', 'stt'\]"):
+  with pytest.raises(ValueError,
+                     match=r"'vivit' is not a model; benchmarked models: \['est', 'nr_dfernet', 'stt'\]"):
     bench_train.bench_config('vivit', 'tiny', 'float32')
   nr_dfernet = bench_train.bench_config('nr_dfernet', 'tiny', 'float32')
   assert train.video_shape(nr_dfernet, 2) == (2, 8, 32, 32, 3) and nr_dfernet.model.num_temporal_layers == 2
+  est = bench_train.bench_config('est', 'tiny', 'float32')
+  assert est.model_name == 'est' and est.loss.name == 'order' and est.model.backbone_width == 16
+  assert train.video_shape(est, 2) == (2, 14, 32, 32, 3)
+  assert train.video_shape(bench_train.bench_config('est', 'paper', 'float32'), 2) == (2, 35, 224, 224, 3)
 
 
 @pytest.mark.parametrize('device_kind, dtype, want', [

@@ -2,9 +2,12 @@
 `torch.compile`, holding the flax initial weights, with dferjax's optimizer, loss and precision policy.
 
 Apart from the script so that only its torch workers import torch. A model joins the benchmark with a builder
-`(config, flax variables) -> torch.nn.Module` (its transcription with the weights copied in); the loop here is
-model-neutral. Matching dferjax: SGD(momentum, weight_decay) = optax add_decayed_weights + sgd, the config's loss
-on float32 logits, bf16 as AMP autocast, float32 with TF32 allowed on GPU (XLA's default precision there).
+`(config, flax variables) -> torch.nn.Module` (its transcription with the weights copied in) whose forward takes
+the video and the model's other batch fields (`model_inputs`, e.g. EST's permutation) by name and returns the
+logits, or (logits, {name: auxiliary logits}) as dferjax's models do; the loop here is model-neutral. Matching
+dferjax: the config's optimizer with coupled weight decay (SGD(momentum, weight_decay) = optax add_decayed_weights
++ sgd, Adam(weight_decay) = add_decayed_weights + adam), the config's loss on float32 logits, bf16 as AMP
+autocast, float32 with TF32 allowed on GPU (XLA's default precision there).
 """
 import functools
 import time
@@ -13,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dferjax import benchmarking, losses
+from dferjax import benchmarking, losses, train
 
 MODES = ('eager', 'compile')
 
@@ -31,9 +34,17 @@ def torch_compact_loss(logits, labels, beta: float):
   return torch.nn.functional.cross_entropy(logits, labels, reduction='none') + 0.5 * beta * symmetric_kl
 
 
+def torch_order_loss(logits, order_logits, labels, permutation, order_weight: float):
+  """EST's loss as dferjax.losses.OrderLoss: CE(class logits, labels) + order_weight * CE(order logits, the
+  permutation index) -> [b]."""
+  cross_entropy = functools.partial(torch.nn.functional.cross_entropy, reduction='none')
+  return cross_entropy(logits, labels) + order_weight * cross_entropy(order_logits, permutation)
+
+
 def torch_loss(spec) -> Callable[[Any, Any], Any]:
   """`config.loss` as a per-example torch loss (logits, labels) -> [b]. Parsed by dferjax.losses.build_loss, so
-  fields and defaults are dferjax's; only the losses of logits and labels alone have a transcription."""
+  fields and defaults are dferjax's; only the losses of logits and labels alone have a transcription here (see
+  torch_batch_loss for the ones reading auxiliary outputs or other batch fields)."""
   loss = losses.build_loss(spec)
   if isinstance(loss, losses.CompactLoss):
     return functools.partial(torch_compact_loss, beta=loss.beta)
@@ -41,7 +52,48 @@ def torch_loss(spec) -> Callable[[Any, Any], Any]:
     return functools.partial(torch.nn.functional.cross_entropy, reduction='none', label_smoothing=loss.smoothing)
   if isinstance(loss, losses.CrossEntropy):
     return functools.partial(torch.nn.functional.cross_entropy, reduction='none')
-  raise ValueError(f'config.loss {dict(spec)} has no torch transcription in dferjax.reference.torch_bench')
+  raise ValueError(f'config.loss {dict(spec)} has no torch transcription of (logits, labels) in '
+                   'dferjax.reference.torch_bench (torch_batch_loss has those of (logits, aux, batch))')
+
+
+def torch_batch_loss(spec) -> Callable[[Any, dict, dict], Any]:
+  """`config.loss` as dferjax's registered losses are called: (logits, aux {name: logits}, batch {field: tensor})
+  -> [b]; the losses of logits and labels alone read batch['label']."""
+  loss = losses.build_loss(spec)
+  if isinstance(loss, losses.OrderLoss):
+    return lambda logits, aux, batch: torch_order_loss(logits, aux['order_logits'], batch['label'],
+                                                       batch['permutation'], loss.order_weight)
+  per_label = torch_loss(spec)
+  return lambda logits, aux, batch: per_label(logits, batch['label'])
+
+
+def torch_optimizer(spec, parameters, num_epochs: int):
+  """`config.optimizer` as dferjax.train.create_optimizer builds it, at the schedule's first-epoch learning rate
+  (warm-up included; the benchmark's steps stay in that epoch): torch's SGD and Adam add weight_decay * w to the
+  gradient before the update, as optax.add_decayed_weights does before sgd/adam."""
+  learning_rate = float(train.learning_rate_schedule(spec, 1, num_epochs)(0))
+  if spec.name == 'sgd':
+    return torch.optim.SGD(parameters, lr=learning_rate, momentum=spec.momentum or 0.0,
+                           weight_decay=spec.weight_decay)
+  if spec.name == 'adam':
+    return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=spec.weight_decay)
+  raise ValueError(f"config.optimizer.name={spec.name!r} has no torch transcription: expected 'sgd' or 'adam'")
+
+
+def split_outputs(outputs) -> tuple[Any, dict]:
+  """A transcription's forward output -> (logits, {name: auxiliary logits}), every tensor float32."""
+  logits, aux = outputs if isinstance(outputs, tuple) else (outputs, {})
+  return logits.float(), {name: value.float() for name, value in (aux or {}).items()}
+
+
+def torch_fields(batch: dict, device) -> dict:
+  """The batch's fields besides the video as tensors on `device`; integers as int64 (labels, indices)."""
+  fields = {}
+  for name, value in batch.items():
+    if name != 'video':
+      tensor = torch.from_numpy(np.asarray(value))
+      fields[name] = (tensor.long() if np.issubdtype(value.dtype, np.integer) else tensor).to(device)
+  return fields
 
 
 def torch_input(video, channels_last: bool):
@@ -55,14 +107,16 @@ class TorchBench:
   """One model's transcription on one device, `mode` 'eager' or 'compile', starting from the flax weights.
 
   build_model: (config, variables) -> the torch module holding `variables` (flax {'params', 'batch_stats'}).
+  model_inputs: the batch fields the model takes besides the video (dferjax's `model_inputs`), passed by name.
   threads: intra-op threads on a CPU.
   """
 
   def __init__(self, build_model: Callable, variables: dict, mode: str, *, seed: int, channels_last: bool,
-               compile_mode: str, threads: int):
+               compile_mode: str, threads: int, model_inputs: tuple[str, ...] = ()):
     if mode not in MODES:
       raise ValueError(f'torch mode {mode!r} not in {MODES}')
     self.build_model, self.variables, self.mode = build_model, variables, mode
+    self.model_inputs = tuple(model_inputs)
     self.seed, self.channels_last, self.compile_mode, self.threads = seed, channels_last, compile_mode, threads
     self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
@@ -94,12 +148,23 @@ class TorchBench:
       model.to(memory_format=torch.channels_last)
     return model
 
-  def logit_difference(self, config, clips: np.ndarray, want: np.ndarray) -> float:
-    """Largest |torch - flax| eval logit on `clips`: both frameworks hold the same weights."""
+  def inputs(self, fields: dict) -> dict:
+    return {name: fields[name] for name in self.model_inputs}
+
+  def logit_difference(self, config, batch: dict, want: dict) -> dict[str, float]:
+    """Largest |torch - flax| eval logit on `batch` (numpy: 'video' and the model inputs), for the class logits
+    ('logits') and each auxiliary output in `want` (flax's, by name): both frameworks hold the same weights."""
     model = self.model(config).eval()
     with torch.inference_mode():
-      got = model(torch_input(torch.from_numpy(clips).to(self.device), self.channels_last)).float().cpu().numpy()
-    return float(np.where(got == want, 0.0, np.abs(got - want)).max())  # equal infinities (a filtered class) agree
+      logits, aux = split_outputs(model(torch_input(torch.from_numpy(batch['video']).to(self.device),
+                                                    self.channels_last),
+                                        **self.inputs(torch_fields(batch, self.device))))
+    differences = {}
+    for name, got in {'logits': logits, **aux}.items():
+      if name in want:
+        got = got.cpu().numpy()  # equal infinities (a filtered class) agree
+        differences[name] = float(np.where(got == want[name], 0.0, np.abs(got - want[name])).max())
+    return differences
 
   def run(self, config, batch: dict, steps_flags: dict) -> dict:
     """Train and eval speed at one (dtype, batch size); `steps_flags` are benchmarking.time_windows'."""
@@ -108,25 +173,26 @@ class TorchBench:
     if self.mode == 'compile':
       torch._dynamo.reset()  # pylint: disable=protected-access
     model = self.model(config).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.optimizer.learning_rate,
-                                momentum=config.optimizer.momentum, weight_decay=config.optimizer.weight_decay)
-    loss_fn = torch_loss(config.loss)
+    optimizer = torch_optimizer(config.optimizer, model.parameters(), config.num_epochs)
+    grad_clip_norm = config.optimizer.grad_clip_norm
+    loss_fn = torch_batch_loss(config.loss)
     video = torch.from_numpy(batch['video']).to(self.device)
-    labels = torch.from_numpy(batch['label']).long().to(self.device)
+    fields = torch_fields(batch, self.device)  # labels and the model's other inputs (e.g. EST's permutation)
+    labels = fields['label']
     batch_size = labels.shape[0]
     autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16,
                                  enabled=config.dtype == 'bfloat16')
-    channels_last = self.channels_last
+    channels_last, inputs = self.channels_last, self.inputs
 
-    def forward_loss(video, labels):
+    def forward_loss(video, fields):
       with autocast():
-        logits = model(torch_input(video, channels_last))
-      logits = logits.float()
-      return loss_fn(logits, labels).mean(), logits
+        outputs = model(torch_input(video, channels_last), **inputs(fields))
+      logits, aux = split_outputs(outputs)
+      return loss_fn(logits, aux, fields).mean(), logits
 
-    def predict(video):
+    def predict(video, fields):
       with autocast():
-        return model(torch_input(video, channels_last)).float()
+        return split_outputs(model(torch_input(video, channels_last), **inputs(fields)))[0]
 
     if self.mode == 'compile':
       forward_loss = torch.compile(forward_loss, mode=self.compile_mode, dynamic=False)
@@ -135,9 +201,11 @@ class TorchBench:
               'correct': torch.zeros((), dtype=torch.long, device=self.device)}
 
     def train_once():
-      loss, logits = forward_loss(video, labels)
+      loss, logits = forward_loss(video, fields)
       optimizer.zero_grad(set_to_none=True)
       loss.backward()
+      if grad_clip_norm:  # optax.clip_by_global_norm, first in dferjax's chain
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
       optimizer.step()
       with torch.no_grad():  # the metrics dferjax's step accumulates on device
         totals['loss_sum'] += loss.detach() * batch_size
@@ -169,7 +237,7 @@ class TorchBench:
 
     def eval_once():
       with torch.inference_mode():
-        predicted = predict(video).argmax(-1)
+        predicted = predict(video, fields).argmax(-1)  # dferjax's auxiliary heads' confusions are not mirrored
         confusion.index_put_((labels, predicted), ones, accumulate=True)
 
     start = time.perf_counter()
