@@ -14,7 +14,7 @@ from dferjax.data.sampling import EST_PERMUTATIONS
 from dferjax.models.est import EST
 
 torch = pytest.importorskip('torch')
-from dferjax.reference import torch_est  # noqa: E402  (needs torch)
+from dferjax.reference import loading, torch_est  # noqa: E402  (needs torch)
 
 # Tiny but complete: 7 snippets x 3 frames of 32 px, d = 8 * backbone_width = 64, FFN 96 wide (not square, so a
 # transposed FFN weight fails the shape check), the paper's 3 + 3 layers of 4 heads. A batch of 10 clips carries
@@ -111,7 +111,7 @@ def test_train_logits_and_batch_norm_updates_match(mode):
   np.testing.assert_allclose(logits, want_logits, atol=1e-4)
   np.testing.assert_allclose(aux['order_logits'], want_order, atol=1e-4)
 
-  leaves = list(torch_est._flatten(updates['batch_stats']))  # pylint: disable=protected-access
+  leaves = list(loading.flax_leaves(updates['batch_stats']))
   assert len(leaves) == 2 * len(counts) == 2 * (20 + 2)  # ResNet18's 20 BNs, the order head's 2
   assert counts['order_head.1'] == 10 and counts['backbone.bn1'] == 10 * 21 * 16 * 16
   for path, got in leaves:

@@ -11,7 +11,7 @@ import pytest
 from dferjax.models.nr_dfernet import NEUTRAL, NRDFERNet
 
 torch = pytest.importorskip('torch')
-from dferjax.reference import torch_nr_dfernet  # noqa: E402  (needs torch)
+from dferjax.reference import loading, torch_nr_dfernet  # noqa: E402  (needs torch)
 
 # Tiny but complete: 16 frames (15 vectors, 7 snippets of 3), 48 px -> 3x3 primary maps -> 2x2 fused maps
 # (odd sizes exercise the stride-2 padding), dim = 32 * 2 * 2 = 128, two layers in each transformer.
@@ -99,7 +99,7 @@ def test_train_mode_logits_and_batch_norm_updates_match(tiny):
   assert aux == {} and np.abs(want).max() > 0.5 and np.ptp(want) > 0.5  # not a degenerate comparison
   np.testing.assert_allclose(logits, want, atol=1e-4)
 
-  leaves = list(torch_nr_dfernet._flatten(updates['batch_stats']))  # pylint: disable=protected-access
+  leaves = list(loading.flax_leaves(updates['batch_stats']))
   assert len(leaves) == 2 * len(counts) == 36  # every BN layer: 10 stem, 7 dynamic branch, 1 static embedding
   for path, got in leaves:
     key = torch_nr_dfernet.torch_key(path)

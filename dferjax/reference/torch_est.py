@@ -13,9 +13,10 @@ in their shuffled order; only BatchNorm's batch statistics could notice, and the
 import math
 import re
 
-import numpy as np
 import torch
 from torch import nn
+
+from dferjax.reference import loading
 
 from dferjax.data.sampling import EST_PERMUTATIONS
 from dferjax.reference import torch_stt
@@ -198,41 +199,8 @@ def torch_key(model: EST, path: tuple[str, ...]) -> str:
   raise KeyError('/'.join(path))
 
 
-def _flatten(tree, prefix=()):
-  for name, value in tree.items():
-    if hasattr(value, 'items'):
-      yield from _flatten(value, prefix + (name,))
-    else:
-      yield prefix + (name,), value
-
-
 def load_flax_variables(model: EST, variables) -> None:
   """Copies flax {'params', 'batch_stats'} into `model` in place; every torch tensor must be filled once, with
   exactly its shape: conv HWIO -> OIHW, Dense and the fused in-projection [in, out] -> [out, in], the emotion
   query [d] -> nn.Embedding's [1, d]."""
-  state = model.state_dict()
-  new_state, problems = {}, []
-  for collection in ('params', 'batch_stats'):
-    for path, value in _flatten(variables.get(collection, {})):
-      try:
-        key = torch_key(model, path)
-      except KeyError:
-        problems.append(f'no torch place for {"/".join(path)}')
-        continue
-      value = np.array(value, dtype=np.float32)
-      if path[-1] == 'kernel':
-        value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-      elif path[-1] == 'emotion_query':
-        value = value[None]
-      if key not in state:
-        problems.append(f'unexpected {key} (from {"/".join(path)})')
-      elif key in new_state:
-        problems.append(f'{key} filled twice (again from {"/".join(path)})')
-      elif value.shape != tuple(state[key].shape):
-        problems.append(f'shape {key}: flax {value.shape} vs torch {tuple(state[key].shape)}')
-      else:
-        new_state[key] = torch.from_numpy(np.ascontiguousarray(value))
-  problems += [f'missing {key}' for key in state if key not in new_state and not key.endswith('num_batches_tracked')]
-  if problems:
-    raise ValueError('flax variables do not fit the torch EST:\n  ' + '\n  '.join(problems))
-  model.load_state_dict(new_state, strict=False)
+  loading.load_flax_variables(model, variables, lambda path: torch_key(model, path))

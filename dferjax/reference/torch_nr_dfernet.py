@@ -9,9 +9,10 @@ so the two only meet in the logits. Module names follow the authors' code: `conv
 """
 import re
 
-import numpy as np
 import torch
 from torch import nn
+
+from dferjax.reference import loading
 
 from dferjax.reference.torch_stt import BasicBlock  # torchvision's block, shared by the transcriptions
 
@@ -202,37 +203,8 @@ def torch_key(path: tuple[str, ...]) -> str:
   return key.replace('/', '.')
 
 
-def _flatten(tree, prefix=()):
-  for name, value in tree.items():
-    if hasattr(value, 'items'):
-      yield from _flatten(value, prefix + (name,))
-    else:
-      yield prefix + (name,), value
-
-
 def load_flax_variables(model: NRDFERNet, variables) -> None:
   """Copies flax {'params', 'batch_stats'} into `model` in place. Every torch parameter and buffer (but
   num_batches_tracked) must be filled and every flax variable used, with matching shapes: conv HWIO -> OIHW,
   Dense [in, out] -> [out, in], position tables gain torch's leading 1."""
-  state = model.state_dict()
-  new_state, problems = {}, []
-  for collection in ('params', 'batch_stats'):
-    for path, value in _flatten(variables.get(collection, {})):
-      key = torch_key(path)
-      value = np.array(value, dtype=np.float32)  # a writable copy
-      if path[-1] == 'kernel':
-        value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-      if key not in state:
-        problems.append(f'unexpected {key} (from {"/".join(path)})')
-        continue
-      shape = tuple(state[key].shape)
-      if value.shape != shape and (1,) + value.shape != shape:
-        problems.append(f'shape {key}: flax {value.shape} vs torch {shape}')
-        continue
-      if key in new_state:
-        problems.append(f'{key} filled twice')
-      new_state[key] = torch.from_numpy(np.ascontiguousarray(value)).reshape(shape)
-  problems += [f'missing {key}' for key in state if key not in new_state and not key.endswith('num_batches_tracked')]
-  if problems:
-    raise ValueError('flax variables do not fit the torch model:\n  ' + '\n  '.join(problems))
-  model.load_state_dict(new_state, strict=False)
+  loading.load_flax_variables(model, variables, torch_key)

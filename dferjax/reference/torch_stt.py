@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dferjax.reference import loading
+
 
 class BasicBlock(nn.Module):
   expansion = 1
@@ -217,36 +219,9 @@ def torch_key(path: tuple[str, ...]) -> str:
   return '.'.join(parts)
 
 
-def _flatten(tree, prefix=()):
-  for name, value in tree.items():
-    if hasattr(value, 'items'):
-      yield from _flatten(value, prefix + (name,))
-    else:
-      yield prefix + (name,), value
-
-
 def load_flax_variables(model: nn.Module, variables) -> None:
   """Copies flax {'params', 'batch_stats'} into `model` in place; every torch tensor must be filled.
 
   Conv kernels HWIO -> OIHW, Dense kernels [in, out] -> [out, in], everything else reshaped.
   """
-  state = model.state_dict()
-  new_state, seen, problems = {}, set(), []
-  for collection in ('params', 'batch_stats'):
-    for path, value in _flatten(variables.get(collection, {})):
-      key = torch_key(path)
-      seen.add(key)
-      value = np.array(value, dtype=np.float32)
-      if path[-1] == 'kernel':
-        value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-      if key not in state:
-        problems.append(f'unexpected {key} (from {"/".join(path)})')
-      elif value.size != state[key].numel() or (path[-1] == 'kernel' and value.shape != state[key].shape):
-        problems.append(f'shape {key}: flax {value.shape} vs torch {tuple(state[key].shape)}')
-      else:
-        new_state[key] = torch.from_numpy(np.ascontiguousarray(value)).reshape(state[key].shape)
-  problems += [f'missing {key}' for key in state
-               if key not in seen and not key.endswith('num_batches_tracked')]
-  if problems:
-    raise ValueError('flax variables do not fit the torch model:\n  ' + '\n  '.join(problems))
-  model.load_state_dict(new_state, strict=False)
+  loading.load_flax_variables(model, variables, torch_key)
