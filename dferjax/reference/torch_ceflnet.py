@@ -1,12 +1,14 @@
 """PyTorch transcription of CEFLNet (plain torch, no torchvision), for parity tests and the PyTorch benchmark.
 
 Written from the paper (Sec. 3, Eq. 1-9) and refs.md §1.6 rather than from dferjax/models/ceflnet.py, so the two
-only meet in their outputs. As the public code: the backbone runs once per (snippet, frame) slot, snippets outer,
-frames inner (in training every slot has its own BatchNorm batch statistics and updates the running ones in
-turn); the self-attention is a sequence-first nn.MultiheadAttention shared by the snippets. Module names follow
-the code: the ResNet's `conv1`, `bn1`, `layer1..4` at the top, `attn`, `dropout2`, `norm1` (SAL), `dropout`,
-`beta` (Linear + Sigmoid) and `fc` (LRL), `temp_attn.attn` (Conv1d + Softmax, EIAN) and `classifier`. The input
-is `[batch, frames, 3, h, w]` (the code's `[batch, 3, h, w, frames, snippets]` holds the same frames).
+only meet in their outputs. In training, as the public code, the backbone runs once per (snippet, frame) slot,
+snippets outer, frames inner: every slot has its own BatchNorm batch statistics and updates the running ones in
+turn. In evaluation BatchNorm reads its running statistics and every frame is on its own, so one call on all
+frames gives the code's numbers faster. The self-attention is a sequence-first nn.MultiheadAttention shared by the
+snippets. Module names follow the code: the ResNet's `conv1`, `bn1`, `layer1..4` at the top, `attn`, `dropout2`,
+`norm1` (SAL), `dropout`, `beta` (Linear + Sigmoid) and `fc` (LRL), `temp_attn.attn` (Conv1d + Softmax, EIAN) and
+`classifier`. The input is `[batch, frames, 3, h, w]` (the code's `[batch, 3, h, w, frames, snippets]` holds the
+same frames).
 
 `load_flax_variables(model, variables)` copies `CEFLNet.init`'s variables into the torch module (strict).
 """
@@ -110,7 +112,7 @@ class CEFLNet(nn.Module):
     b, num_frames = video.shape[:2]
     if num_frames != self.num_snippets * self.frames_per_snippet:
       raise ValueError(f'expected {self.num_snippets * self.frames_per_snippet} frames, got {num_frames}')
-    if self.backbone_batch_norm == 'per_slot':
+    if self.backbone_batch_norm == 'per_slot' and self.training:
       frames = torch.stack([self.backbone(video[:, slot]) for slot in range(num_frames)], dim=1)
     else:
       frames = self.backbone(video.flatten(0, 1)).unflatten(0, (b, num_frames))
