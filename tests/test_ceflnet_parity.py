@@ -12,7 +12,7 @@ import pytest
 from dferjax.models.ceflnet import CEFLNet
 
 torch = pytest.importorskip('torch')
-from dferjax.reference import torch_ceflnet  # noqa: E402  (needs torch)
+from dferjax.reference import loading, torch_ceflnet  # noqa: E402  (needs torch)
 
 # d = 64 (4 heads of 16); 48 px frames give 2 x 2 layer4 maps (the odd 3 -> 2 step exercises the padding), so each
 # slot's BatchNorm sees batch x 4 values per channel there.
@@ -116,10 +116,6 @@ def _flax_train_step(model, variables, video, labels):
   return logits, aux, updates, grads
 
 
-def _num_hidden(torch_model):
-  return sum(isinstance(m, torch.nn.Linear) for m in torch_model.classifier.modules()) - 1
-
-
 @pytest.mark.parametrize('backbone_batch_norm, updates_per_step', [('per_slot', 35), ('joint', 1)])
 def test_train_mode_outputs_statistics_and_gradients_match(backbone_batch_norm, updates_per_step):
   """Dropout off (random in both), BN on batch statistics: per_slot normalises each of the 35 slots with its own
@@ -133,11 +129,11 @@ def test_train_mode_outputs_statistics_and_gradients_match(backbone_batch_norm, 
   np.testing.assert_allclose(aux['snippet_attention'], attention, atol=1e-5)
   np.testing.assert_allclose(aux['frame_weights'], frame_weights, atol=1e-5)
 
-  leaves = list(torch_ceflnet._flatten(updates['batch_stats']))  # pylint: disable=protected-access
+  leaves = list(loading.flax_leaves(updates['batch_stats']))
   assert len(leaves) == 2 * len(counts) == 40  # bn1 and 19 in the blocks
   decay = 0.9**updates_per_step
   for path, got in leaves:
-    key = torch_ceflnet.torch_key(path, _num_hidden(torch_model))
+    key = torch_ceflnet.torch_key(path, torch_ceflnet.num_hidden_layers(torch_model))
     old = before[key].numpy()
     if path[-1] == 'mean':
       np.testing.assert_allclose(got, after[key].numpy(), atol=1e-5, err_msg=key)
@@ -149,11 +145,11 @@ def test_train_mode_outputs_statistics_and_gradients_match(backbone_batch_norm, 
       np.testing.assert_allclose(got, biased, rtol=1e-5, atol=1e-5, err_msg=key)
     assert not np.allclose(got, old)  # the statistics did move
 
-  flat = list(torch_ceflnet._flatten(grads))  # pylint: disable=protected-access
+  flat = list(loading.flax_leaves(grads))
   assert len(flat) == len(torch_grads)
   scale = max(np.abs(g).max() for g in torch_grads.values())
   for path, got in flat:
-    key = torch_ceflnet.torch_key(path, _num_hidden(torch_model))
+    key = torch_ceflnet.torch_key(path, torch_ceflnet.num_hidden_layers(torch_model))
     got = np.asarray(got)
     if path[-1] == 'kernel':
       got = got.transpose(3, 2, 0, 1) if got.ndim == 4 else got.transpose(*reversed(range(got.ndim)))

@@ -12,12 +12,13 @@ same frames).
 
 `load_flax_variables(model, variables)` copies `CEFLNet.init`'s variables into the torch module (strict).
 """
+import functools
 import re
 
-import numpy as np
 import torch
 from torch import nn
 
+from dferjax.reference import loading
 from dferjax.reference.torch_stt import BasicBlock  # torchvision's block, shared by the transcriptions
 
 RELATION_FORMS = ('code', 'paper')
@@ -156,38 +157,13 @@ def torch_key(path: tuple[str, ...], num_hidden: int) -> str:
   return key.replace('/', '.')
 
 
-def _flatten(tree, prefix=()):
-  for name, value in tree.items():
-    if hasattr(value, 'items'):
-      yield from _flatten(value, prefix + (name,))
-    else:
-      yield prefix + (name,), value
+def num_hidden_layers(model: CEFLNet) -> int:
+  """The classifier's hidden (Linear, ReLU) pairs."""
+  return sum(isinstance(module, nn.Linear) for module in model.classifier.modules()) - 1
 
 
 def load_flax_variables(model: CEFLNet, variables) -> None:
-  """Copies flax {'params', 'batch_stats'} into `model` in place. Every torch parameter and buffer (but
-  num_batches_tracked) must be filled and every flax variable used, with matching shapes: conv HWIO -> OIHW,
-  the width-1 Conv1d WIO -> OIW, Dense [in, out] -> [out, in] (the fused qkv kernel is MultiheadAttention's
-  in_proj_weight transposed)."""
-  state = model.state_dict()
-  num_hidden = sum(isinstance(module, nn.Linear) for module in model.classifier.modules()) - 1
-  new_state, problems = {}, []
-  for collection in ('params', 'batch_stats'):
-    for path, value in _flatten(variables.get(collection, {})):
-      key = torch_key(path, num_hidden)
-      value = np.array(value, dtype=np.float32)  # a writable copy
-      if path[-1] == 'kernel':
-        value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.transpose(*reversed(range(value.ndim)))
-      if key not in state:
-        problems.append(f'unexpected {key} (from {"/".join(path)})')
-        continue
-      if value.shape != tuple(state[key].shape):
-        problems.append(f'shape {key}: flax {value.shape} vs torch {tuple(state[key].shape)}')
-        continue
-      if key in new_state:
-        problems.append(f'{key} filled twice')
-      new_state[key] = torch.from_numpy(np.ascontiguousarray(value))
-  problems += [f'missing {key}' for key in state if key not in new_state and not key.endswith('num_batches_tracked')]
-  if problems:
-    raise ValueError('flax variables do not fit the torch model:\n  ' + '\n  '.join(problems))
-  model.load_state_dict(new_state, strict=False)
+  """Copies flax {'params', 'batch_stats'} into `model` in place (dferjax.reference.loading: strict; conv HWIO ->
+  OIHW, the width-1 Conv1d WIO -> OIW, Dense [in, out] -> [out, in], so the fused qkv kernel becomes
+  MultiheadAttention's in_proj_weight)."""
+  loading.load_flax_variables(model, variables, functools.partial(torch_key, num_hidden=num_hidden_layers(model)))
