@@ -38,7 +38,7 @@ EIAN scores each snippet on its own, so in evaluation a clip's logits are the sa
 and of the frames in each (tested). Classes that differ only by the direction of a change (the synthetic data's
 happy / sad, surprise / fear) are beyond it.
 
-Paper size (7 x 5 frames of 224 px, 7 classes): 12,919,624 parameters (the issue's 12.92 M; 12,828,807 = Tab. 8's
+Paper size (7 x 5 frames of 224 px, 7 classes): 12,919,624 parameters (12.92 M; 12,828,807 = Tab. 8's
 12.83 M with a 512-128-64-6 head) and 63.52 GMACs per clip counting convolutions and matmuls (dferjax.summary);
 Tab. 8's 63.80 G is ptflops', which adds BN, ReLU and pooling (tests/test_ceflnet.py counts both, and Tab. 9).
 """
