@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import est_dfew, nr_dfernet_dfew, stt_dfew
+from configs import ceflnet_dfew, est_dfew, nr_dfernet_dfew, stt_dfew
 from dferjax import benchmarking, configlib, models, sharding, train
 from dferjax.data import sampling
 
@@ -149,6 +149,29 @@ def est_reference(config, variables: dict):
   return ClassAndOrderLogits()
 
 
+def ceflnet_reference(config, variables: dict):
+  """CEFLNet's PyTorch transcription holding `variables`. Training runs the backbone per slot or jointly as the
+  config's backbone_batch_norm says (per slot: the public code's loop); evaluation runs it once on all frames, as
+  dferjax's does, and returns the snippet attention and frame weights beside the logits for the parity check."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from dferjax.reference import torch_ceflnet  # pylint: disable=import-outside-toplevel
+  model = torch_ceflnet.CEFLNet(config.num_classes, **torch_model_fields(config))
+  torch_ceflnet.load_flax_variables(model, variables)
+
+  class LogitsAndAttention(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.model = model
+
+    def forward(self, video):
+      if self.training:
+        return self.model(video)
+      logits, attention, _, frame_weights = self.model(video, return_aux=True)
+      return logits, {'snippet_attention': attention, 'frame_weights': frame_weights}
+
+  return LogitsAndAttention()
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchModel:
   """What the benchmark needs of one model; a new model adds a row to BENCH_MODELS."""
@@ -186,6 +209,14 @@ BENCH_MODELS = {
                       tiny_input=dict(sampler={'name': 'snippets', 'frames_per_snippet': 2}, image_size=32),
                       torch_reference=est_reference,
                       batch_fields={'permutation': ('int32', len(sampling.EST_PERMUTATIONS))}),
+    # configs/demo_synthetic.py:model=ceflnet's sizes (d = 128, head 64-32) on 32 px, 7 snippets x 2 frames, the
+    # backbone per slot as in the paper config.
+    'ceflnet': BenchModel(ceflnet_dfew, tiny_model=dict(num_frames=14, num_snippets=7, frames_per_snippet=2,
+                                                        backbone_width=16, num_heads=4, classifier_dims=(64, 32),
+                                                        backbone_batch_norm='per_slot'),
+                          tiny_input=dict(sampler={'name': 'snippets', 'frames_per_snippet': 2}, image_size=32),
+                          torch_reference=ceflnet_reference,
+                          jax_only_fields=('remat_backbone', 'slot_unroll', 'max_pool_impl')),
 }
 QUICK = dict(model='tiny', batch_sizes=['8', '16'], dtypes=['float32'], steps=12, warmup=2, window=3,
              max_batch=False)

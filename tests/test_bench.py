@@ -169,7 +169,7 @@ def test_model_name_picks_a_row_and_an_unknown_name_fails_clearly():
       'num_frames', 'embed_dim', 'num_layers', 'num_heads', 'mlp_ratio', 'drop_path_rate', 'backbone_stage',
       'backbone_width'}
   with pytest.raises(ValueError,
-                     match=r"'vivit' is not a model; benchmarked models: \['est', 'nr_dfernet', 'stt'\]"):
+                     match=r"'vivit' is not a model; benchmarked models: \['ceflnet', 'est', 'nr_dfernet', 'stt'\]"):
     bench_train.bench_config('vivit', 'tiny', 'float32')
   nr_dfernet = bench_train.bench_config('nr_dfernet', 'tiny', 'float32')
   assert train.video_shape(nr_dfernet, 2) == (2, 8, 32, 32, 3) and nr_dfernet.model.num_temporal_layers == 2
