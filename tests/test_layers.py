@@ -31,3 +31,10 @@ def test_post_norm_attention_matches_torch_multihead_attention():
   # Training drops attention weights and the residual branch: random, and only then.
   first, second = (module.apply(variables, x, train=True, rngs={'dropout': jax.random.key(k)}) for k in (1, 2))
   assert np.abs(np.asarray(first) - np.asarray(second)).max() > 1e-3
+
+
+def test_max_over_routes_the_gradient_to_one_maximal_element():
+  x = np.array([[1.0, 3.0, 3.0, -2.0], [0.5, -1.0, 4.0, 4.0]], np.float32)  # ties in both rows
+  np.testing.assert_array_equal(layers.max_over(x, axis=1), x.max(axis=1))
+  gradient = np.asarray(jax.grad(lambda v: layers.max_over(v, axis=1).sum())(x))
+  np.testing.assert_array_equal(gradient, [[0, 1, 0, 0], [0, 0, 1, 0]])  # the first maximum, as torch's max-pool

@@ -55,16 +55,6 @@ RELATION_FORMS = ('code', 'paper')
 BACKBONE_BATCH_NORMS = ('per_slot', 'joint')
 
 
-def max_over(x: jax.Array, axis: int) -> jax.Array:
-  """x.max(axis) with the gradient on one maximal element, as torch's max-pooling routes it.
-
-  jnp.max's gradient goes to every element equal to the max; XLA may compute the compared copy of x one ulp apart
-  from the maximised one (seen on CPU without optimisations), leaving no element equal and a 0/0 gradient.
-  """
-  index = jnp.expand_dims(x.argmax(axis=axis), axis)
-  return jnp.take_along_axis(x, index, axis=axis).squeeze(axis)
-
-
 def backbone_features(backbone: nn.Module, video: jax.Array, *, train: bool, per_slot: bool, remat: bool,
                       unroll: int = 1) -> jax.Array:
   """The backbone's pooled feature per frame: video [batch, slots, height, width, 3] -> [batch, slots, d].
@@ -109,7 +99,7 @@ class ClipFeatureEncoder(nn.Module):
     # torch's MultiheadAttention draws its in-projection from xavier_uniform (the code keeps that default).
     attended = layers.PostNormAttention(self.num_heads, self.attention_dropout, nn.initializers.xavier_uniform(),
                                         name='self_attention', **kwargs)(frames, train=train)  # f'_k (Eq. 1)
-    global_feature = jnp.broadcast_to(max_over(attended, -2)[..., None, :], attended.shape)  # f-hat'
+    global_feature = jnp.broadcast_to(layers.max_over(attended, -2)[..., None, :], attended.shape)  # f-hat'
     if self.relation_form == 'code':
       relation = pooled = jnp.concatenate([frames.astype(attended.dtype), global_feature], axis=-1)
     else:
@@ -135,7 +125,7 @@ class EmotionIntensityActivation(nn.Module):
                      dtype=self.dtype, param_dtype=self.param_dtype, name='scores')(snippets)[..., 0]
     attention = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)  # A (Eq. 5)
     activation_map = snippets * attention[..., None].astype(snippets.dtype)  # M (Eq. 7)
-    return max_over(activation_map, 1), attention  # max-pool over snippets (Eq. 8)
+    return layers.max_over(activation_map, 1), attention  # max-pool over snippets (Eq. 8)
 
 
 class Classifier(nn.Module):

@@ -58,7 +58,7 @@ class SnippetFeatureExtractor(nn.Module):
                                         dtype=self.dtype, param_dtype=self.param_dtype, name='attention')(
                                             frames, train=train)  # Eq. 1; torch MultiheadAttention's xavier init
     attended = attended.astype(jnp.float32)
-    pooled = attended.max(axis=-2, keepdims=True)  # r-hat': the max over the snippet's frames
+    pooled = layers.max_over(attended, axis=-2)[..., None, :]  # r-hat': the max over the snippet's frames
     # Eq. (2) as torch's CosineSimilarity(eps=1e-8), clamped at 1e-8 as the public code (so weights stay positive).
     norms = jnp.maximum(jnp.linalg.norm(attended, axis=-1) * jnp.linalg.norm(pooled, axis=-1), 1e-8)
     similarity = jnp.maximum((attended * pooled).sum(-1) / norms, 1e-8)  # [batch, snippets, frames]

@@ -213,6 +213,16 @@ class PositionEmbedding(nn.Module):
     return x + table.reshape(shape).astype(x.dtype)
 
 
+def max_over(x: jax.Array, axis: int) -> jax.Array:
+  """x.max(axis) with the gradient on one maximal element, as torch's max-pooling routes it.
+
+  jnp.max's gradient goes to every element equal to the max; XLA may compute the compared copy of x one ulp apart
+  from the maximised one (seen on CPU without optimisations), leaving no element equal and a 0/0 gradient.
+  """
+  index = jnp.expand_dims(x.argmax(axis=axis), axis)
+  return jnp.take_along_axis(x, index, axis=axis).squeeze(axis)
+
+
 def drop_path_rates(max_rate: float, num_layers: int) -> list[float]:
   """Linearly growing stochastic-depth rates, 0 for the first layer (timm / mx-mark convention)."""
   return [float(rate) for rate in np.linspace(0.0, max_rate, num_layers)]
