@@ -15,6 +15,7 @@ from dferjax.models.est import EST
 
 torch = pytest.importorskip('torch')
 from dferjax.reference import loading, torch_est  # noqa: E402  (needs torch)
+from parity_helpers import assert_running_stats_match  # noqa: E402
 
 # Tiny but complete: 7 snippets x 3 frames of 32 px, d = 8 * backbone_width = 64, FFN 96 wide (not square, so a
 # transposed FFN weight fails the shape check), the paper's 3 + 3 layers of 4 heads. A batch of 10 clips carries
@@ -114,15 +115,8 @@ def test_train_logits_and_batch_norm_updates_match(mode):
   leaves = list(loading.flax_leaves(updates['batch_stats']))
   assert len(leaves) == 2 * len(counts) == 2 * (20 + 2)  # ResNet18's 20 BNs, the order head's 2
   assert counts['order_head.1'] == 10 and counts['backbone.bn1'] == 10 * 21 * 16 * 16
-  for path, got in leaves:
-    key = torch_est.torch_key(torch_model, path)
-    if path[-1] == 'mean':
-      np.testing.assert_allclose(got, after[key].numpy(), atol=1e-5, err_msg=key)
-    else:  # flax moves towards the biased batch variance, torch towards the unbiased one
-      n, old = counts[key.rsplit('.', 1)[0]], before[key].numpy()
-      biased = (after[key].numpy() - 0.9 * old) / 0.1 * (n - 1) / n
-      np.testing.assert_allclose(got, 0.9 * old + 0.1 * biased, rtol=1e-5, atol=1e-5, err_msg=key)
-    assert not np.allclose(got, before[key].numpy())  # the statistics did move
+  assert_running_stats_match(updates['batch_stats'], lambda path: torch_est.torch_key(torch_model, path), before,
+                             after, counts)
 
 
 @pytest.mark.parametrize('mode', MODES)

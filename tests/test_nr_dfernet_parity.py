@@ -12,6 +12,7 @@ from dferjax.models.nr_dfernet import NEUTRAL, NRDFERNet
 
 torch = pytest.importorskip('torch')
 from dferjax.reference import loading, torch_nr_dfernet  # noqa: E402  (needs torch)
+from parity_helpers import assert_running_stats_match  # noqa: E402
 
 # Tiny but complete: 16 frames (15 vectors, 7 snippets of 3), 48 px -> 3x3 primary maps -> 2x2 fused maps
 # (odd sizes exercise the stride-2 padding), dim = 32 * 2 * 2 = 128, two layers in each transformer.
@@ -101,15 +102,7 @@ def test_train_mode_logits_and_batch_norm_updates_match(tiny):
 
   leaves = list(loading.flax_leaves(updates['batch_stats']))
   assert len(leaves) == 2 * len(counts) == 36  # every BN layer: 10 stem, 7 dynamic branch, 1 static embedding
-  for path, got in leaves:
-    key = torch_nr_dfernet.torch_key(path)
-    if path[-1] == 'mean':
-      np.testing.assert_allclose(got, after[key].numpy(), atol=1e-5, err_msg=key)
-    else:  # flax moves towards the biased batch variance, torch towards the unbiased one
-      n, old = counts[key.rsplit('.', 1)[0]], before[key].numpy()
-      biased = (after[key].numpy() - 0.9 * old) / 0.1 * (n - 1) / n
-      np.testing.assert_allclose(got, 0.9 * old + 0.1 * biased, rtol=1e-5, atol=1e-5, err_msg=key)
-    assert not np.allclose(got, before[key].numpy())  # the statistics did move
+  assert_running_stats_match(updates['batch_stats'], torch_nr_dfernet.torch_key, before, after, counts)
 
 
 def test_eval_mode_filtered_sequence_and_snippet_logits_match(tiny):

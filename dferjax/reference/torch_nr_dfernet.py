@@ -12,8 +12,7 @@ import re
 import torch
 from torch import nn
 
-from dferjax.reference import loading
-
+from dferjax.reference import loading, torch_stt
 from dferjax.reference.torch_stt import BasicBlock  # torchvision's block, shared by the transcriptions
 
 NEUTRAL = 2  # Happy, Sad, Neutral, ... (refs.md §2.5)
@@ -126,12 +125,7 @@ class NRDFERNet(nn.Module):
     self.temporal_pos_embedding = nn.Parameter(torch.randn(1, num_frames, dim))  # DCT + T - 1 frame vectors
     self.temporal_transformer = Transformer(dim, num_temporal_layers, heads, dim_head, temporal_mlp_dim)
     self.fc = nn.Linear(dim, num_classes)
-    for module in self.modules():
-      if isinstance(module, nn.Conv2d):
-        nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
-      elif isinstance(module, nn.BatchNorm2d):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+    torch_stt.init_like_torchvision(self)
 
   def stem(self, images):
     """[n, 3, h, w] -> primary feature maps F_i [n, 4 * stem_width, h/16, w/16]."""

@@ -17,6 +17,16 @@ from torch import nn
 from dferjax.reference import loading
 
 
+def init_like_torchvision(model: nn.Module) -> None:
+  """torchvision's ResNet init on every conv and 2-D BatchNorm of `model`: kaiming_normal_ (fan_out), BN 1 / 0."""
+  for module in model.modules():
+    if isinstance(module, nn.Conv2d):
+      nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
+    elif isinstance(module, nn.BatchNorm2d):
+      nn.init.ones_(module.weight)
+      nn.init.zeros_(module.bias)
+
+
 class BasicBlock(nn.Module):
   expansion = 1
 
@@ -63,12 +73,7 @@ class ResNet(nn.Module):
     if num_classes is not None:
       self.avgpool = nn.AdaptiveAvgPool2d(1)
       self.fc = nn.Linear(in_channels, num_classes)
-    for module in self.modules():
-      if isinstance(module, nn.Conv2d):
-        nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
-      elif isinstance(module, nn.BatchNorm2d):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+    init_like_torchvision(self)
 
   def features(self, x, pool: bool = False):
     """x: [n, 3, h, w] -> feature map of `last_stage` [n, c, h', w'] (or [n, c] if pool)."""
