@@ -3,6 +3,7 @@ import importlib.util
 import os
 import pathlib
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -333,3 +334,47 @@ def test_build_dataset_script(tmp_path, capsys):
     script.main(['--dataset', 'dfew', '--manual_dir', str(root), '--data_dir', str(tmp_path / 'data')])
   assert exit_info.value.code == 1
   assert 'Clip/clip_224x224' in capsys.readouterr().err
+
+
+def test_already_built_from_other_clips_fails_naming_the_difference_and_overwrite(small_dfew, tmp_path):
+  """A build from a half-copied tree must not pass as the full dataset once the folders are back (issue 18)."""
+  clip_root = small_dfew / 'Clip' / 'clip_224x224'
+  moved = tmp_path / 'moved'
+  moved.mkdir()
+  for folder in sorted(clip_root.iterdir())[:2]:
+    folder.rename(moved / folder.name)
+  build_lib.build('dfew', small_dfew, tmp_path / 'data', ['fold1'], image_size=SIZE, workers=1, show_progress=False)
+  for folder in moved.iterdir():
+    folder.rename(clip_root / folder.name)
+  with pytest.raises(ValueError, match='records stored.*clips in the manual dir') as error:
+    build_lib.build('dfew', small_dfew, tmp_path / 'data', ['fold1'], image_size=SIZE, workers=1,
+                    show_progress=False)
+  assert '--overwrite' in str(error.value)
+  report, = build_lib.build('dfew', small_dfew, tmp_path / 'data', ['fold1'], image_size=SIZE, workers=1,
+                            show_progress=False, overwrite=True)
+  assert sum(len(datasets.data_source(f'dfew/fold1_px{SIZE}', split, tmp_path / 'data')) for split in report.splits) == 7
+  report, = build_lib.build('dfew', small_dfew, tmp_path / 'data', ['fold1'], image_size=SIZE, workers=1,
+                            show_progress=False)
+  assert report.status == 'already built'
+
+
+def test_already_built_with_the_same_counts_but_other_labels_fails(small_dfew, tmp_path):
+  build_lib.build('dfew', small_dfew, tmp_path / 'data', ['fold1'], image_size=SIZE, workers=1, show_progress=False)
+  csv = next((small_dfew / 'EmoLabel_DataSplit').glob('train*/set_1.csv'))
+  lines = csv.read_text().splitlines()
+  video, label = lines[1].split(',')
+  lines[1] = f'{video},{int(label) % 7 + 1}'
+  csv.write_text('\n'.join(lines) + '\n')
+  with pytest.raises(ValueError, match='(?s)fingerprint of the split lists.*built from .*--overwrite'):
+    build_lib.build('dfew', small_dfew, tmp_path / 'data', ['fold1'], image_size=SIZE, workers=1,
+                    show_progress=False)
+
+
+def test_a_split_missing_many_clips_warns_with_count_and_percentage(small_dfew, tmp_path, capsys):
+  clip_root = small_dfew / 'Clip' / 'clip_224x224'
+  shutil.rmtree(sorted(clip_root.iterdir())[0])
+  report, = build_lib.build('dfew', small_dfew, tmp_path / 'data', ['fold1'], image_size=SIZE, workers=1,
+                            show_progress=False)
+  err = capsys.readouterr().err
+  assert re.search(r'warning: dfew/fold1_px32 \w+: 1 of \d+ listed clips \(\d+\.\d %\) skipped', err), err
+  assert report.warnings and report.warnings[0] in build_lib.format_summary([report])

@@ -100,3 +100,20 @@ def test_parse_arg_types_and_errors():
 def test_missing_config_file_is_named():
   with pytest.raises(FileNotFoundError, match='nope.py'):
     configlib.load_config('configs/nope.py')
+
+
+def test_the_demo_dataset_never_takes_the_place_of_a_real_build(monkeypatch, tmp_path):
+  """The demo builds `dfew/fold1_px48` from synthetic clips: never where a real DFEW build of that name lives."""
+  from dferjax.data import datasets, inputs, synthetic
+  demo = configlib.load_config(os.path.join(CONFIGS, 'demo_synthetic.py'))
+  with demo.unlocked():
+    demo.dataset.data_dir = str(tmp_path)
+  used = []
+  monkeypatch.setattr(synthetic, 'ensure_built', lambda name, data_dir, **fields: used.append(data_dir))
+  monkeypatch.setattr(datasets, 'data_source', lambda name, split, data_dir: used.append(data_dir) or [])
+  inputs.data_sources(demo)
+  assert len(used) == 3 and {os.path.normpath(d) for d in used} == {str(tmp_path / 'synthetic')}
+  real = configlib.load_config(os.path.join(CONFIGS, 'stt_dfew.py'))
+  with real.unlocked():
+    real.dataset.data_dir = str(tmp_path)
+  assert inputs.data_dir(real) == str(tmp_path)

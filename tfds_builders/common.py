@@ -266,7 +266,7 @@ class ClipBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       manual_dir = dl_manager.manual_dir
     except AssertionError as error:  # TFDS' message names the directory and quotes MANUAL_DOWNLOAD_INSTRUCTIONS
       raise FileNotFoundError(str(error)) from error
-    scan = self.scan(manual_dir)
+    scan = self.last_scan = self.scan(manual_dir)  # what this build is made from (dferjax.data.build records it)
     return {split: self._generate_examples(clips) for split, clips in scan.splits.items()}
 
   def _generate_examples(self, clips):

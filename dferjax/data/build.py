@@ -5,11 +5,15 @@
 
 Configs build in a process pool (spawned, so a parent that already imported JAX is safe), and each build decodes
 and resizes frames on threads. A build writes into TFDS' `incomplete.*` directory and renames it only when
-every split is written, so an interrupted or failed build never looks complete to a reader.
+every split is written, so an interrupted or failed build never looks complete to a reader. Each build also
+records what it was built from (`dferjax_build.json`: records per split, a fingerprint of the split lists and
+clip folders, frame size and storage), so a later "already built" is checked against the manual dir as it is now.
 """
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
+import json
 import multiprocessing
 import os
 import pathlib
@@ -33,6 +37,7 @@ class ConfigReport:
   skipped: dict[str, int]
   skipped_examples: dict[str, list[str]]
   seconds: float = 0.0
+  warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def resolve_configs(dataset: str, configs=None, image_size: int | None = None) -> list[str]:
@@ -67,6 +72,62 @@ def check_manual_dir(dataset: str, manual_dir) -> pathlib.Path:
   return manual_dir
 
 
+BUILD_RECORD = 'dferjax_build.json'
+# A split that loses more than this share of its listed clips (missing or empty folders) is announced loudly.
+SKIPPED_WARNING_FRACTION = 0.03
+
+
+def build_record(scan, config) -> dict:
+  """What a build is made from: records per split, a fingerprint of every listed clip (split, id, label, frame
+  count; skipped ones with their reason), the frame size and storage."""
+  digest = hashlib.sha256()
+  for split in sorted(scan.splits):
+    for clip in scan.splits[split]:
+      digest.update(f'{split}\t{clip.clip_id}\t{clip.label}\t{len(clip.frames)}\n'.encode())
+  for split, clip_id, reason in sorted(scan.skipped):
+    digest.update(f'skipped\t{split}\t{clip_id}\t{reason}\n'.encode())
+  return {'records': {split: len(clips) for split, clips in sorted(scan.splits.items())},
+          'fingerprint': digest.hexdigest()[:16], 'image_size': config.image_size,
+          'frame_encoding': config.frame_encoding}
+
+
+def write_build_record(builder, record: dict) -> None:
+  with open(builder.data_path / BUILD_RECORD, 'w') as f:
+    json.dump(record, f, indent=2)
+
+
+def check_unchanged(builder, record: dict, name: str, manual_dir) -> None:
+  """Refuses an "already built" config whose stored records, or recorded input, differ from the manual dir now:
+  a build from a half-copied tree must not pass as the full dataset."""
+  stored = {split: info.num_examples for split, info in builder.info.splits.items()}
+  differences = [f'{split}: {stored.get(split, 0)} records stored, {record["records"].get(split, 0)} clips in '
+                 'the manual dir' for split in sorted({*stored, *record['records']})
+                 if stored.get(split, 0) != record['records'].get(split, 0)]
+  path = builder.data_path / BUILD_RECORD
+  if path.is_file():
+    recorded = json.loads(path.read_text())
+    what = {'fingerprint': 'fingerprint of the split lists (clip ids, labels, frame counts, skipped clips)',
+            'image_size': 'frame size', 'frame_encoding': 'frame storage'}
+    differences += [f'{what[key]}: built from {recorded.get(key)!r}, the manual dir gives {record[key]!r}'
+                    for key in what if recorded.get(key) != record[key] and not (key == 'fingerprint' and differences)]
+  if differences:
+    raise ValueError(f'{name} in {builder.data_path} was built from other input than {manual_dir} holds now:\n  '
+                     + '\n  '.join(differences)
+                     + '\nRebuild it with --overwrite (build(..., overwrite=True)), or give another --data_dir.')
+
+
+def skipped_warnings(name: str, scan) -> list[str]:
+  """One warning per split that skips more than SKIPPED_WARNING_FRACTION of its listed clips."""
+  lines = []
+  for split, clips in scan.splits.items():
+    skipped = sum(s == split for s, _, _ in scan.skipped)
+    listed = len(clips) + skipped
+    if listed and skipped / listed > SKIPPED_WARNING_FRACTION:
+      lines.append(f'warning: {name} {split}: {skipped} of {listed} listed clips ({100 * skipped / listed:.1f} %) '
+                   'skipped (missing or empty clip folders): is the manual dir complete?')
+  return lines
+
+
 def is_built(builder) -> bool:
   """TFDS' own completeness test (dataset_info.json in the final, renamed directory)."""
   return builder.data_path.is_dir() and builder.is_prepared()  # is_prepared alone logs a warning when absent
@@ -93,6 +154,8 @@ def _build_one(dataset: str, name: str, manual_dir: str, data_dir: str, threads:
   modes = tfds.download.GenerateMode
   mode = modes.FORCE_REDOWNLOAD if overwrite else modes.REUSE_DATASET_IF_EXISTS
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode))
+  scan = getattr(builder, 'last_scan', None) or builder.scan(pathlib.Path(manual_dir))
+  write_build_record(builder, build_record(scan, builder.builder_config))
   return time.perf_counter() - start
 
 
@@ -102,7 +165,8 @@ def build(dataset: str, manual_dir, data_dir, configs=None, *, image_size: int |
 
   configs: names ('fold1_px48'), a comma-separated string, or None for all predefined configs.
   workers: CPU cores to use (default all): configs run in min(workers, #configs) processes, frames on the rest.
-  Configs already built are left alone unless `overwrite`. Raises the first failure (with the config named).
+  Configs already built are left alone unless `overwrite`, after checking that they were built from what the
+  manual dir holds now (else ValueError naming the difference). Raises the first failure (with the config named).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   cls = builder_class(dataset)
@@ -113,10 +177,15 @@ def build(dataset: str, manual_dir, data_dir, configs=None, *, image_size: int |
   reports, to_build = {}, []
   for name in names:  # scan first: a bad CSV fails before any decoding
     builder = cls(config=name, data_dir=os.fspath(data_dir))
-    summary = builder.scan(manual_dir).summary()
+    scan = builder.scan(manual_dir)
     done = is_built(builder) and not overwrite
+    if done:
+      check_unchanged(builder, build_record(scan, builder.builder_config), f'{dataset}/{name}', manual_dir)
     reports[name] = ConfigReport(f'{dataset}/{name}', os.fspath(builder.data_path),
-                                 'already built' if done else 'built', **summary)
+                                 'already built' if done else 'built', **scan.summary(),
+                                 warnings=skipped_warnings(f'{dataset}/{name}', scan))
+    for line in reports[name].warnings:
+      print(line, file=sys.stderr, flush=True)
     if not done:
       to_build.append(name)
   total = sum(sum(sum(per_class.values()) for per_class in reports[name].splits.values()) for name in to_build)
@@ -182,4 +251,5 @@ def format_summary(reports: list[ConfigReport]) -> str:
       lines.append(f'  skipped {count} clip(s): {reason}, e.g. {", ".join(report.skipped_examples[reason])}')
     if not report.skipped:
       lines.append('  skipped 0 clips')
+    lines.extend(f'  {line}' for line in report.warnings)
   return '\n'.join(lines)

@@ -3,9 +3,12 @@
     config.input.sampler = dict(name='segments', num_segments=8, frames_per_segment=2, short_clip_fallback='zeros')
     config.input.transforms = {}  # {name: {fields}} of pipeline.CLIP_TRANSFORMS, e.g. {'shuffle_snippets': {}}
 
-A config whose `dataset` holds a `synthetic` block (the demo) writes and builds the synthetic dataset first.
+A config whose `dataset` holds a `synthetic` block (the demo) writes and builds the synthetic dataset first, under
+`<data_dir>/synthetic/`, so the demo's `dfew/fold1_px48` never takes the place of a real build of that name.
 """
 from __future__ import annotations
+
+import os
 
 import jax
 import ml_collections
@@ -13,12 +16,23 @@ import ml_collections
 from dferjax.data import datasets, pipeline
 
 
+SYNTHETIC_SUBDIR = 'synthetic'
+
+
+def data_dir(config: ml_collections.ConfigDict) -> str:
+  """Where `config.dataset` is built: the synthetic demo data in a subfolder of its own, as it shares the real
+  datasets' builder names."""
+  if 'synthetic' in config.dataset:
+    return os.path.join(config.dataset.data_dir, SYNTHETIC_SUBDIR)
+  return config.dataset.data_dir
+
+
 def data_sources(config: ml_collections.ConfigDict):
   """(train, eval) random-access sources of `config.dataset`."""
   if 'synthetic' in config.dataset:
     if jax.process_index() == 0:
       from dferjax.data import synthetic  # pylint: disable=import-outside-toplevel
-      synthetic.ensure_built(config.dataset.name, config.dataset.data_dir, **config.dataset.synthetic)
+      synthetic.ensure_built(config.dataset.name, data_dir(config), **config.dataset.synthetic)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices('synthetic dataset ready')
@@ -27,7 +41,7 @@ def data_sources(config: ml_collections.ConfigDict):
 
 def split_source(config: ml_collections.ConfigDict, split: str):
   """One split of `config.dataset`, without the clips shorter than `config.dataset.min_frames` (if > 1)."""
-  source = datasets.data_source(config.dataset.name, split, config.dataset.data_dir)
+  source = datasets.data_source(config.dataset.name, split, data_dir(config))
   if config.dataset.min_frames > 1:
     total = len(source)
     source, left_out = datasets.drop_short_clips(source, config.dataset.min_frames)
