@@ -1,4 +1,5 @@
-"""The synthetic generator: real on-disk layouts, determinism, and expressions whose direction in time matters."""
+"""The synthetic generator: real on-disk layouts, determinism, expressions whose direction in time matters (the
+default motion set) and an order-free set whose classes differ in the set of frames."""
 import csv
 import pathlib
 import re
@@ -77,6 +78,72 @@ def test_pairs_are_time_reverses(forward, backward):
   assert moving  # the pair differs by motion, not by a static expression
 
 
+def test_default_motion_set_is_unchanged():
+  """The default classes as first written: the default demos' data stays byte-identical (same draws, same
+  parameters), and asking for 'time_reversed' by name is the default."""
+  assert synthetic.MOTIONS == {
+      'happy': {'smile': (0.0, 1.0)},
+      'sad': {'smile': (1.0, 0.0)},
+      'neutral': {},
+      'angry': {'brow_frown': (0.0, 1.0), 'eye_open': (1.0, 0.75)},
+      'surprise': {'mouth_open': (0.0, 1.0), 'brow_raise': (0.0, 1.0), 'eye_open': (1.0, 1.35)},
+      'disgust': {'smile': (0.0, -1.0), 'eye_open': (1.0, 0.45)},
+      'fear': {'mouth_open': (1.0, 0.0), 'brow_raise': (1.0, 0.0), 'eye_open': (1.35, 1.0)},
+  }
+  assert synthetic.MOTION_SETS['time_reversed'] is synthetic.MOTIONS
+  default, _, _ = synthetic.render_clip('fear', 6, synthetic.clip_rng(0, 't', 't', 6, 0), size=48)
+  named, _, _ = synthetic.render_clip('fear', 6, synthetic.clip_rng(0, 't', 't', 6, 0), size=48,
+                                      motions='time_reversed')
+  np.testing.assert_array_equal(default, named)
+
+
+def _frame_multiset(class_name, motions):
+  """The expression parameters over a clip with time order discarded: [parameter, sorted values]."""
+  params = synthetic.expression(class_name, np.linspace(0, 1, 101), motions=motions)
+  return np.stack([np.sort(params[name]) for name in synthetic.NEUTRAL])
+
+
+def _multiset_distance(first, second, motions):
+  """Largest mean gap between two classes' sorted values of one parameter: 0 iff one is the other's reorder."""
+  return np.abs(_frame_multiset(first, motions) - _frame_multiset(second, motions)).mean(axis=1).max()
+
+
+def test_order_free_classes_differ_in_their_set_of_frames():
+  """No pair of 'order_free' classes is a reorder of the other's frames (by a margin of 0.15, a sixth of a full
+  move), whereas the default set's pairs are exactly that; sad and fear are the only classes that changed."""
+  for first, second in synthetic.TIME_REVERSED_PAIRS:
+    assert _multiset_distance(first, second, 'time_reversed') < 1e-12  # what the measure is there to catch
+  names = synthetic.CLASS_NAMES
+  gaps = {(a, b): _multiset_distance(a, b, 'order_free') for i, a in enumerate(names) for b in names[i + 1:]}
+  assert min(gaps.values()) > 0.15, sorted(gaps.items(), key=lambda item: item[1])[:3]
+  changed = {name for name in names if synthetic.ORDER_FREE_MOTIONS[name] != synthetic.MOTIONS[name]}
+  assert changed == {'sad', 'fear'}
+  with pytest.raises(ValueError, match=r"motions='reversed' not in \['order_free', 'time_reversed'\]"):
+    synthetic.write_dfew('/nonexistent', 1, motions='reversed')
+
+
+def test_order_free_cues_survive_the_demo_frame_size():
+  """At the demo's 48 px, the last frame of sad and fear (after the move) differs from that of neutral and of
+  their nearest classes drawn with the same face, colours, timing, jitter and noise (only the motion differs)."""
+  def last_frame(name, index):
+    frames, _, _ = synthetic.render_clip(name, 12, synthetic.clip_rng(0, 't', 't', 0, index), motions='order_free')
+    return cv2.resize(frames[-1], (48, 48), interpolation=cv2.INTER_AREA).astype(np.float64)
+
+  for index in range(2):
+    for name, other in (('sad', 'neutral'), ('sad', 'disgust'), ('fear', 'neutral'), ('fear', 'angry'),
+                        ('fear', 'surprise')):
+      gap = np.abs(last_frame(name, index) - last_frame(other, index)).mean()
+      assert gap > 2.0, (name, other, index, gap)  # measured 3.5-9.3 (grey levels, mean over the frame)
+
+
+def test_ensure_built_refuses_a_folder_of_the_other_motion_set(tmp_path):
+  manual = tmp_path / 'manual' / 'synthetic_dfew'
+  manual.mkdir(parents=True)
+  (manual / 'synthetic.json').write_text('{"clips_per_class": 40, "seed": 0}')  # written before `motions`
+  with pytest.raises(ValueError, match=r"written with .*'motions': 'time_reversed'.* asks for .*'order_free'"):
+    synthetic.ensure_built('dfew/fold1_px32', str(tmp_path), motions='order_free')
+
+
 def _mouth_pixels(frames, style, colour_test):
   """Per frame: how many pixels of the mouth region pass colour_test (dark interior or white teeth)."""
   cx, cy = style.center
@@ -135,6 +202,9 @@ def test_ferv39k_layout(tmp_path):
 def test_cli(tmp_path, capsys):
   synthetic.main(['--out', str(tmp_path / 'afew'), '--layout', 'afew', '--clips-per-class', '1', '--seed', '1'])
   assert 'wrote 14 afew clips' in capsys.readouterr().out
+  synthetic.main(['--out', str(tmp_path / 'free'), '--layout', 'afew', '--clips-per-class', '1', '--motions',
+                  'order_free'])
+  assert 'order_free motions' in capsys.readouterr().out
   assert (tmp_path / 'afew' / 'Val_AFEW' / 'Fear').is_dir()
   with pytest.raises(SystemExit):  # refuses to mix two runs in one directory
     synthetic.main(['--out', str(tmp_path / 'afew'), '--layout', 'afew', '--clips-per-class', '1'])

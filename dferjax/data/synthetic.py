@@ -1,15 +1,21 @@
 """Deterministic synthetic DFER clips written in the real on-disk layouts of DFEW, AFEW and FERV39K.
 
-Each clip is a cv2-drawn face whose expression changes over time. Two pairs of classes are exact time-reverses
-of each other (happy: a smile forms / sad: a smile fades; surprise: mouth and brows open / fear: they close), so
-a model that ignores frame order tops out near 5/7 accuracy; one that reads order can separate all seven. The
-cues (mouth, brows) are large so they survive resizing to 32-48 px. Nuisances per clip: face position and size,
+Each clip is a cv2-drawn face whose expression changes over time. Two sets of motions (`motions`):
+- 'time_reversed' (default): two pairs of classes are exact time-reverses of each other (happy: a smile forms /
+  sad: a smile fades; surprise: mouth and brows open / fear: they close), so a model that ignores frame order
+  tops out near 5/7 accuracy; one that reads order can separate all seven.
+- 'order_free': sad and fear get motions of their own (sad: the mouth corners drop and the inner brows rise;
+  fear: the mouth opens a little under frowning brows and wide eyes), so every class reaches an expression no
+  other class shows: the classes differ in the set of frames, and an order-blind model (CEFLNet) can separate
+  them. The other five classes and every nuisance draw are the same as in 'time_reversed'.
+The cues (mouth, brows, eyes) are large so they survive resizing to 32-48 px. Nuisances per clip: face position and size,
 skin, background colour and gradient, noise level, onset/offset timing and amplitude; per frame: small jitter
 and noise. Same seed => byte-identical files.
 
 Run:
   python -m dferjax.data.synthetic --out /tmp/dfew_synth --clips-per-class 40 --seed 0
   python -m dferjax.data.synthetic --layout afew --out /tmp/afew_synth --clips-per-class 10
+  python -m dferjax.data.synthetic --motions order_free --out /tmp/dfew_synth_order_free
 then build with `python scripts/build_dataset.py --dataset dfew --manual_dir /tmp/dfew_synth ...`.
 """
 import argparse
@@ -45,6 +51,14 @@ MOTIONS = {
     'fear': {'mouth_open': (1.0, 0.0), 'brow_raise': (1.0, 0.0), 'eye_open': (1.35, 1.0)},  # surprise reversed
 }
 TIME_REVERSED_PAIRS = (('happy', 'sad'), ('surprise', 'fear'))
+# Sad and fear without a time-reversed twin: each ends on an expression of its own (a negative brow_frown lifts
+# the inner brow ends). The other classes are MOTIONS'.
+ORDER_FREE_MOTIONS = {
+    **MOTIONS,
+    'sad': {'smile': (0.0, -0.7), 'brow_frown': (0.0, -0.9)},
+    'fear': {'mouth_open': (0.0, 0.5), 'brow_frown': (0.0, 0.8), 'eye_open': (1.0, 1.4)},
+}
+MOTION_SETS = {'time_reversed': MOTIONS, 'order_free': ORDER_FREE_MOTIONS}
 MOUTH_INTERIOR_RGB = (30, 12, 28)  # darker than anything else drawn: the opening is countable in pixels
 TEETH_RGB = (250, 250, 245)
 
@@ -54,18 +68,25 @@ def smoothstep(x):
   return x * x * (3.0 - 2.0 * x)
 
 
-def expression(class_name: str, t, amplitude: float = 1.0, onset: float = 0.0, offset: float = 1.0):
+def motion_set(motions: str) -> dict:
+  if motions not in MOTION_SETS:
+    raise ValueError(f'motions={motions!r} not in {sorted(MOTION_SETS)}')
+  return MOTION_SETS[motions]
+
+
+def expression(class_name: str, t, amplitude: float = 1.0, onset: float = 0.0, offset: float = 1.0, *,
+               motions: str = 'time_reversed'):
   """Expression parameters at times t in [0, 1]: {name: [len(t)] float64}.
 
   The move runs from `onset` to `offset` (smoothstep), scaled by `amplitude` around NEUTRAL. Because
-  smoothstep(1 - x) = 1 - smoothstep(x),
+  smoothstep(1 - x) = 1 - smoothstep(x), in the 'time_reversed' set
   expression('sad', t, a, t0, t1) == expression('happy', 1 - t, a, 1 - t1, 1 - t0).
   """
   t = np.asarray(t, np.float64)
   progress = smoothstep((t - onset) / max(offset - onset, 1e-6))
   params = {}
   for name, rest in NEUTRAL.items():
-    start, end = MOTIONS[class_name].get(name, (rest, rest))
+    start, end = motion_set(motions)[class_name].get(name, (rest, rest))
     params[name] = rest + amplitude * (start + (end - start) * progress - rest)
   return params
 
@@ -159,11 +180,12 @@ def render_face(params: dict, style: FaceStyle, background: np.ndarray, shift=(0
   return image
 
 
-def render_clip(class_name: str, num_frames: int, rng: np.random.Generator, size: int = FRAME_SIZE):
+def render_clip(class_name: str, num_frames: int, rng: np.random.Generator, size: int = FRAME_SIZE, *,
+                motions: str = 'time_reversed'):
   """RGB uint8 frames [num_frames, size, size, 3], the expression parameters per frame, and the style."""
   style = sample_style(rng, size)
   t = np.linspace(0.0, 1.0, num_frames)
-  params = expression(class_name, t, style.amplitude, style.onset, style.offset)
+  params = expression(class_name, t, style.amplitude, style.onset, style.offset, motions=motions)
   wobble = 0.05 * np.sin(2 * np.pi * 1.3 * t + style.wobble_phase)
   params['smile'] = params['smile'] + wobble
   params['brow_raise'] = params['brow_raise'] + wobble
@@ -205,9 +227,9 @@ def write_frames(folder: pathlib.Path, frames, name_of) -> None:
     (folder / name_of(i)).write_bytes(encoded.tobytes())
 
 
-def _write_clip(folder, layout, split, label, index, seed, name_of) -> int:
+def _write_clip(folder, layout, split, label, index, seed, name_of, motions) -> int:
   rng = clip_rng(seed, layout, split, label, index)
-  frames, _, _ = render_clip(CLASS_NAMES[label], sample_num_frames(rng), rng)
+  frames, _, _ = render_clip(CLASS_NAMES[label], sample_num_frames(rng), rng, motions=motions)
   write_frames(folder, frames, name_of)
   return len(frames)
 
@@ -225,8 +247,8 @@ def dfew_folds(labels, seed: int, num_folds: int = NUM_FOLDS) -> np.ndarray:
   return folds
 
 
-def write_dfew(out, clips_per_class: int = 20, seed: int = 0, *,
-               split_folder_spelling: str = 'single-labeled') -> list[dict]:
+def write_dfew(out, clips_per_class: int = 20, seed: int = 0, *, split_folder_spelling: str = 'single-labeled',
+               motions: str = 'time_reversed') -> list[dict]:
   """DFEW layout under `out`; returns one dict per clip (clip_id, label 0..6, num_frames, test_fold 1..5).
 
   out/Clip/clip_224x224/<00001>/<00001>_<00001>.jpg ...
@@ -234,6 +256,7 @@ def write_dfew(out, clips_per_class: int = 20, seed: int = 0, *,
   """
   if split_folder_spelling not in ('single-labeled', 'single_labeled'):
     raise ValueError(f'split_folder_spelling {split_folder_spelling!r} not in (single-labeled, single_labeled)')
+  motion_set(motions)  # fails before anything is written
   out = pathlib.Path(out)
   labels = np.repeat(np.arange(len(CLASS_NAMES)), clips_per_class)
   ids = np.random.default_rng([seed, 4]).permutation(len(labels)) + 1  # ids do not give away the class
@@ -242,7 +265,7 @@ def write_dfew(out, clips_per_class: int = 20, seed: int = 0, *,
   for k, (label, clip_number) in enumerate(zip(labels, ids)):
     clip_id = f'{clip_number:05d}'
     num_frames = _write_clip(out / 'Clip' / 'clip_224x224' / clip_id, 'dfew', 'all', int(label),
-                             k % clips_per_class, seed, lambda i, c=clip_id: f'{c}_{i:05d}.jpg')
+                             k % clips_per_class, seed, lambda i, c=clip_id: f'{c}_{i:05d}.jpg', motions)
     clips.append({'clip_id': clip_id, 'label': int(label), 'num_frames': num_frames, 'test_fold': int(folds[k]) + 1})
   clips.sort(key=lambda clip: clip['clip_id'])
   for split in ('train', 'test'):
@@ -254,11 +277,13 @@ def write_dfew(out, clips_per_class: int = 20, seed: int = 0, *,
   return clips
 
 
-def write_afew(out, clips_per_class: int = 10, seed: int = 0, *, val_clips_per_class: int | None = None) -> list[dict]:
+def write_afew(out, clips_per_class: int = 10, seed: int = 0, *, val_clips_per_class: int | None = None,
+               motions: str = 'time_reversed') -> list[dict]:
   """AFEW layout with frames already extracted (as the builder expects after the ffmpeg step):
 
   out/Train_AFEW/<Emotion>/<9-digit video id>/<00001>.jpg ...,  out/Val_AFEW/<Emotion>/<video id>/...
   """
+  motion_set(motions)
   out = pathlib.Path(out)
   counts = {'Train': clips_per_class, 'Val': clips_per_class if val_clips_per_class is None else val_clips_per_class}
   id_rng = np.random.default_rng([seed, 6])
@@ -269,19 +294,20 @@ def write_afew(out, clips_per_class: int = 10, seed: int = 0, *, val_clips_per_c
       for index in range(count):
         video_id = f'{video_ids[len(clips)]:09d}'
         num_frames = _write_clip(out / f'{split}_AFEW' / emotion / video_id, 'afew', split, label, index, seed,
-                                 lambda i: f'{i:05d}.jpg')
+                                 lambda i: f'{i:05d}.jpg', motions)
         clips.append({'clip_id': f'{split}/{emotion}/{video_id}', 'label': label, 'num_frames': num_frames,
                       'split': split})
   return clips
 
 
-def write_ferv39k(out, clips_per_class: int = 10, seed: int = 0, *,
-                  test_clips_per_class: int | None = None) -> list[dict]:
+def write_ferv39k(out, clips_per_class: int = 10, seed: int = 0, *, test_clips_per_class: int | None = None,
+                  motions: str = 'time_reversed') -> list[dict]:
   """FERV39K layout:
 
   out/2_ClipsforFaceCrop/<Scene>/<Emotion>/<4-digit clip>/<00001>.jpg ...
   out/4_setups/All_scenes/{train,test}_All.csv   lines `Scene/Emotion/clip Emotion` (space-separated, no header)
   """
+  motion_set(motions)
   out = pathlib.Path(out)
   counts = {'train': clips_per_class, 'test': clips_per_class if test_clips_per_class is None else test_clips_per_class}
   rng = np.random.default_rng([seed, 7])
@@ -295,7 +321,7 @@ def write_ferv39k(out, clips_per_class: int = 10, seed: int = 0, *,
         next_number[(scene, emotion)] = number + int(rng.integers(1, 4))
         clip_id = f'{scene}/{emotion}/{number:04d}'
         num_frames = _write_clip(out / '2_ClipsforFaceCrop' / clip_id, 'ferv39k', split, label, index, seed,
-                                 lambda i: f'{i:05d}.jpg')
+                                 lambda i: f'{i:05d}.jpg', motions)
         clips.append({'clip_id': clip_id, 'label': label, 'num_frames': num_frames, 'split': split})
   setups = out / '4_setups' / 'All_scenes'
   setups.mkdir(parents=True, exist_ok=True)
@@ -305,16 +331,20 @@ def write_ferv39k(out, clips_per_class: int = 10, seed: int = 0, *,
   return clips
 
 
-def ensure_built(name: str, data_dir: str, *, manual_dir: str = '', clips_per_class: int = 40, seed: int = 0):
+def ensure_built(name: str, data_dir: str, *, manual_dir: str = '', clips_per_class: int = 40, seed: int = 0,
+                 motions: str = 'time_reversed'):
   """Writes the synthetic DFEW-layout clips (once) and builds the TFDS dataset `name` (e.g. 'dfew/fold1_px48')
-  from them if it is missing: the demo config's first run. A folder written with other settings is refused."""
+  from them if it is missing: the demo config's first run. A folder written with other settings (seed, clip
+  count, motion set) is refused: the build under data_dir would be the other set's, so each set needs its own
+  data_dir (the demo gives the order-free set one)."""
   from dferjax.data import build  # pylint: disable=import-outside-toplevel  # tfds only when building
   manual_dir = manual_dir or os.path.join(data_dir, 'manual', 'synthetic_dfew')
-  wanted = {'clips_per_class': clips_per_class, 'seed': seed}
+  motion_set(motions)
+  wanted = {'clips_per_class': clips_per_class, 'seed': seed, 'motions': motions}
   marker = os.path.join(manual_dir, 'synthetic.json')
   if os.path.isfile(marker):
     with open(marker) as f:
-      written = json.load(f)
+      written = {'motions': 'time_reversed', **json.load(f)}  # markers older than `motions` hold the default set
     if written != wanted:
       raise ValueError(f'{manual_dir} holds a synthetic dataset written with {written}, but the config asks for '
                        f'{wanted}: give another config.dataset.data_dir, or delete {data_dir}')
@@ -337,11 +367,14 @@ def main(argv=None):
   parser.add_argument('--clips-per-class', type=int, default=20,
                       help='DFEW: clips per class in total (5 folds); AFEW/FERV39K: per class and split')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--motions', choices=sorted(MOTION_SETS), default='time_reversed',
+                      help="'order_free': no class is another's time-reverse (module docstring)")
   args = parser.parse_args(argv)
   if os.path.exists(args.out) and os.listdir(args.out):
     parser.error(f'--out {args.out} exists and is not empty; a mix of two seeds would not be deterministic')
-  clips = WRITERS[args.layout](args.out, args.clips_per_class, args.seed)
-  print(f'wrote {len(clips)} {args.layout} clips ({sum(c["num_frames"] for c in clips)} frames) to {args.out}')
+  clips = WRITERS[args.layout](args.out, args.clips_per_class, args.seed, motions=args.motions)
+  print(f'wrote {len(clips)} {args.layout} clips ({sum(c["num_frames"] for c in clips)} frames, {args.motions} '
+        f'motions) to {args.out}')
 
 
 if __name__ == '__main__':
