@@ -143,14 +143,39 @@ def check_starting_point(config):
         '--config.init_from.backbone=none to train from random weights')
 
 
+# What a resumed run may change: how long it trains and how it logs, evaluates, saves and reads its data. Any
+# other field (the dataset and fold, the model, the loss, the optimizer, the input recipe, the seed) would mix two
+# experiments in one workdir.
+RESUMABLE_FIELDS = ('num_epochs', 'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
+                    'keep_checkpoints', 'progress_bar', 'eval_batch_size', 'dataset.data_dir', 'input.num_threads',
+                    'input.prefetch')
+
+
+def flatten_config(config_json: dict, prefix: str = '') -> dict[str, Any]:
+  """{'optimizer.learning_rate': 0.01, ...}: every leaf of a JSON config under its dotted name."""
+  flat = {}
+  for key, value in config_json.items():
+    if isinstance(value, dict) and value:
+      flat.update(flatten_config(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
 def check_resumable(config_json: dict, saved_config: dict, directory: str):
-  """Refuses to resume a workdir written by another model: the config holds what the arrays cannot say."""
-  for field in ('model_name', 'model', 'num_classes'):
-    saved = saved_config.get(field)
-    current = config_json[field]
-    if saved != current:
-      raise ValueError(f'{directory} holds a checkpoint with config.{field}={saved!r}, but this run has '
-                       f'{current!r}: use another --workdir, or the same config to resume')
+  """Refuses to resume a workdir whose checkpoint was written with another config (another fold, model, recipe),
+  except for the RESUMABLE_FIELDS; the error names every differing field."""
+  saved, current = flatten_config(saved_config), flatten_config(config_json)
+  missing = object()
+  differing = [name for name in sorted({*saved, *current}) if name not in RESUMABLE_FIELDS
+               and saved.get(name, missing) != current.get(name, missing)]
+  if differing:
+    shown = lambda value: 'absent' if value is missing else repr(value)
+    lines = [f'config.{name}={shown(current.get(name, missing))} (checkpoint: {shown(saved.get(name, missing))})'
+             for name in differing]
+    raise ValueError(f'{directory} holds a checkpoint of another config; this run differs in\n  '
+                     + '\n  '.join(lines) + '\nUse another --workdir, or the saved config to resume (a resumed run '
+                     f'may change only {", ".join(RESUMABLE_FIELDS)}).')
 
 
 def initial_state(config, state, model, state_sharding):

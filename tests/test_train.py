@@ -110,8 +110,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
 
 def test_resuming_with_another_model_fails_naming_the_field(tmp_path, data_dir):
   train.train_and_evaluate(tiny_config(data_dir, 'epochs=1'), str(tmp_path))
-  with pytest.raises(ValueError, match='config.model='):
+  with pytest.raises(ValueError, match=r'config.model.num_layers=2 \(checkpoint: 1\)') as error:
     train.train_and_evaluate(tiny_config(data_dir, 'epochs=2,layers=2'), str(tmp_path))
+  assert 'num_epochs=' not in str(error.value)  # may change on resume
+
+
+def test_resuming_another_fold_or_recipe_fails_naming_the_fields(tmp_path, data_dir):
+  """A fold-2 run started in a fold-1 workdir must not continue the fold-1 checkpoint (test-fold leakage)."""
+  train.train_and_evaluate(tiny_config(data_dir, 'epochs=1'), str(tmp_path))
+  config = tiny_config(data_dir, 'epochs=2', **{'dataset.name': 'dfew/fold2_px32', 'optimizer.momentum': 0.5})
+  with pytest.raises(ValueError, match="config.dataset.name='dfew/fold2_px32' \\(checkpoint: 'dfew/fold1_px32'\\)"
+                     ) as error:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert 'config.optimizer.momentum=0.5 (checkpoint: 0.9)' in str(error.value)
+  resumed = tiny_config(data_dir, 'epochs=2', **{'log_every_steps': 1, 'progress_bar': False})
+  train.train_and_evaluate(resumed, str(tmp_path))  # epochs and logging may change
 
 
 def test_restoring_a_checkpoint_of_another_shape_names_the_parameters(tmp_path, data_dir):
