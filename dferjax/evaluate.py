@@ -15,7 +15,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'A dferjax workdir to re-evaluat
 _STEP = flags.DEFINE_string('step', 'best', "'best', 'latest' or a step number.")
 _SPLIT = flags.DEFINE_string('split', None, 'Split to evaluate (default: the config eval_split).')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Override config.dataset.data_dir.')
-_FOLDS = flags.DEFINE_list('folds', None, 'Workdirs of the 5 DFEW folds, to collect into one table.')
+_FOLDS = flags.DEFINE_list('folds', None, 'Workdirs of the 5 DFEW folds, to collect into one table (each run\'s fold is '
+                           'read from its config; duplicated or missing folds fail).')
 _SELECT_BY = flags.DEFINE_enum('select_by', 'war', ['war', 'uar'],
                                'Fold table: per fold, the epoch with the best test metric (the public repos\' protocol).')
 _LAST = flags.DEFINE_bool('last', False, 'Fold table: use the last epoch instead of the best.')
@@ -69,8 +70,10 @@ def main(argv):
     print(reports.format_results_table({os.path.basename(_WORKDIR.value.rstrip('/')): result}, CLASS_NAMES,
                                        with_mean=False))
   else:
+    names = reports.fold_names_from_configs(_FOLDS.value)  # from each run's config, not its position
     results = reports.collect_fold_results(_FOLDS.value, metric='last' if _LAST.value else 'best',
-                                           select_by=_SELECT_BY.value)
+                                           select_by=_SELECT_BY.value, fold_names=names)
+    results = dict(sorted(results.items(), key=lambda item: int(item[0][len('fold'):])))
     print(reports.format_results_table(results, CLASS_NAMES))
 
 

@@ -3,9 +3,11 @@
 Metric records come from `writers` (format there); the PNG plots live in `plots`.
 """
 from collections.abc import Mapping, Sequence
+import json
 import math
 import os
 import pathlib
+import re
 
 import numpy as np
 
@@ -95,6 +97,36 @@ def format_results_table(rows: Mapping[str, Mapping], class_names: Sequence[str]
   separator = '|' + '|'.join('-' * (width + 1) + (':' if column else '-')
                              for column, width in enumerate(widths)) + '|'
   return '\n'.join([format_line(header), separator, *map(format_line, cells)])
+
+
+DFEW_FOLDS = (1, 2, 3, 4, 5)
+
+
+def run_fold(workdir: str | os.PathLike) -> int | None:
+  """The fold a run trained on, from its `config.json` (`dataset.name` 'dfew/fold3_px112' -> 3); None if none."""
+  path = pathlib.Path(workdir) / 'config.json'
+  if not path.is_file():
+    raise FileNotFoundError(f'{path} does not exist: is {str(workdir)!r} a dferjax workdir?')
+  name = json.loads(path.read_text()).get('dataset', {}).get('name', '')
+  match = re.search(r'/fold(\d+)', name)
+  return int(match[1]) if match else None
+
+
+def fold_names_from_configs(workdirs: Sequence[str | os.PathLike], folds: Sequence[int] = DFEW_FOLDS) -> list[str]:
+  """'fold<k>' of each run, read from its config rather than its position, so a run can only stand for its own
+  fold; fails naming the runs without a fold, the folds given twice and the folds of `folds` that are missing."""
+  found = {str(workdir): run_fold(workdir) for workdir in workdirs}
+  problems = [f'{workdir}: its config.dataset.name names no fold' for workdir, fold in found.items() if fold is None]
+  for fold in sorted({fold for fold in found.values() if fold is not None}):
+    if len(runs := [workdir for workdir, other in found.items() if other == fold]) > 1:
+      problems.append(f'fold {fold} is given twice: {", ".join(runs)}')
+  if missing := sorted(set(folds) - set(found.values())):
+    problems.append(f'fold(s) {", ".join(map(str, missing))} missing: no run of them among the workdirs')
+  if extra := sorted({fold for fold in found.values() if fold is not None} - set(folds)):
+    problems.append(f'fold(s) {", ".join(map(str, extra))} are not among the expected folds {list(folds)}')
+  if problems:
+    raise ValueError('the fold runs do not make one table:\n  ' + '\n  '.join(problems))
+  return [f'fold{fold}' for fold in found.values()]
 
 
 def collect_fold_results(workdirs: Sequence[str | os.PathLike], metric: str = 'best', select_by: str = 'war', *,

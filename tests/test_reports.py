@@ -1,4 +1,6 @@
-"""Fold tables against numpy, best-epoch selection from metrics.jsonl."""
+"""Fold tables against numpy, best-epoch selection from metrics.jsonl, folds read from the runs' configs."""
+import json
+
 import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
@@ -119,3 +121,22 @@ def test_collect_fold_results_ties_and_missing(tmp_path):
     reports.collect_fold_results(workdirs, metric='mean')
   with pytest.raises(ValueError, match="'war' or 'uar'"):
     reports.collect_fold_results(workdirs, select_by='loss')
+
+
+def _fold_run(workdir, dataset_name):
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(json.dumps({'dataset': {'name': dataset_name}}))
+  return str(workdir)
+
+
+def test_fold_names_come_from_each_runs_config_not_its_position(tmp_path):
+  """Two fold-1 runs must not be averaged as fold1/fold2 (issue 18)."""
+  runs = [_fold_run(tmp_path / f'run{k}', f'dfew/fold{fold}_px112') for k, fold in enumerate((3, 1, 2, 5, 4))]
+  assert reports.fold_names_from_configs(runs) == ['fold3', 'fold1', 'fold2', 'fold5', 'fold4']
+  twice = [*runs[:4], _fold_run(tmp_path / 'again', 'dfew/fold1')]
+  with pytest.raises(ValueError, match='fold 1 is given twice: .*run1, .*again') as error:
+    reports.fold_names_from_configs(twice)
+  assert 'fold(s) 4 missing' in str(error.value)
+  with pytest.raises(ValueError, match='afew.*names no fold'):
+    reports.fold_names_from_configs([*runs[:4], _fold_run(tmp_path / 'afew', 'afew/px112')])
+  assert reports.fold_names_from_configs(runs[1:3], folds=(1, 2)) == ['fold1', 'fold2']
