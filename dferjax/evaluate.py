@@ -1,4 +1,6 @@
-"""Re-evaluates a run's checkpoint, or collects DFEW's five folds into the papers' table.
+"""Re-evaluates a run's checkpoint, or collects DFEW's five folds into the papers' table. A model that declares
+per-clip outputs (`clip_outputs`: CEFLNet's salient snippet) gets them written to
+<workdir>/clips_<split>_step<N>.jsonl (dferjax/clip_report.py).
 
     python -m dferjax.evaluate --workdir runs/stt_dfew_fold1 [--step best|latest|N]
     python -m dferjax.evaluate --folds runs/stt_dfew_fold1,runs/stt_dfew_fold2,... [--select_by war]
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from absl import app, flags
 import ml_collections
@@ -33,7 +36,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = None, data_dir: str | None = None) -> dict:
   """Restores one checkpoint of `workdir` and evaluates it on a split; returns the metrics."""
   from dferjax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
-  from dferjax import train  # pylint: disable=import-outside-toplevel
+  from dferjax import clip_report, train  # pylint: disable=import-outside-toplevel
   from dferjax.data import inputs  # pylint: disable=import-outside-toplevel
   config = load_run_config(workdir)
   if data_dir:
@@ -52,9 +55,12 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
   steps = train.make_steps(config, steps_per_epoch=None)  # evaluation only: no optimizer
   state = checkpoint_lib.restore_for_evaluation(checkpoints, chosen, steps.abstract_state)
   checkpoints.close()
-  source = inputs.split_source(config, split or config.dataset.eval_split)
+  split = split or config.dataset.eval_split
+  source = inputs.split_source(config, split)
   result = train.evaluate(steps, state, config, source)
   result['step'] = chosen
+  name = re.sub(r'[^\w-]', '_', split)  # a TFDS slice such as 'test[:50%]' in a file name
+  result.update(clip_report.report(steps, state, config, source, os.path.join(workdir, f'clips_{name}_step{chosen}')))
   return result
 
 
@@ -69,6 +75,8 @@ def main(argv):
     print(f'{_WORKDIR.value} step {result["step"]}:')
     print(reports.format_results_table({os.path.basename(_WORKDIR.value.rstrip('/')): result}, CLASS_NAMES,
                                        with_mean=False))
+    if 'clip_report' in result:
+      print(f'per-clip outputs: {result["clip_report"]}\n{result["clip_summary"]}')
   else:
     names = reports.fold_names_from_configs(_FOLDS.value)  # from each run's config, not its position
     results = reports.collect_fold_results(_FOLDS.value, metric='last' if _LAST.value else 'best',

@@ -170,6 +170,8 @@ class CEFLNet(nn.Module):
   rng_streams: ClassVar[tuple[str, ...]] = ('dropout',)
   classifier_names: ClassVar[tuple[str, ...]] = ('classifier',)  # the whole MLP, as the code's `classifier`
   model_inputs: ClassVar[tuple[str, ...]] = ()  # batch fields __call__ takes besides the video
+  # Written per clip by dferjax.evaluate (clip_report.py): the salient snippet P_e with its frames, as Fig. 3 shows.
+  clip_outputs: ClassVar[dict[str, str]] = {'salient_snippet': 'snippet', 'snippet_attention': 'value'}
 
   def metric_heads(self) -> dict:
     return {}  # one head: the emotion classes
