@@ -68,6 +68,10 @@ class Checkpoints:
   def wait(self):
     self.manager.wait_until_finished()
 
+  def check_for_errors(self):
+    """Raises the error of a finished asynchronous save (a full disk), so a run stops at once, not a save later."""
+    self.manager.check_for_errors()
+
   def close(self):
     self.manager.close()
 
@@ -136,6 +140,11 @@ def config_to_json(config) -> dict:
 def check_starting_point(config):
   """A config whose paper starts from a pretrained backbone leaves `init_from.backbone` empty: fail before any
   work unless a backbone, another run (`init_from.workdir`) or 'none' (random on purpose) is given."""
+  if config.init_from.get('guide', 'none') == '' and not config.init_from.workdir:
+    raise ValueError(
+        f'{config.model_name} learns from a frozen frame-level guide network, and none was given: train one with '
+        'the frame-level config (model_name aen_frame) and pass --config.init_from.guide=<its workdir>, or '
+        '--config.init_from.guide=none for a random guide')
   if config.init_from.backbone == '' and not config.init_from.workdir:
     raise ValueError(
         f'{config.model_name} trains from a pretrained backbone in its paper, and none was given: pass '
@@ -183,11 +192,67 @@ def initial_state(config, state, model, state_sharding):
   if config.init_from.backbone not in ('', 'none'):
     from dferjax import convert  # pylint: disable=import-outside-toplevel
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    variables = convert.merge_backbone(variables, convert.load_backbone(config.init_from.backbone))
+    backbone = convert.load_backbone(config.init_from.backbone)
+    try:
+      variables = convert.merge_backbone(variables, backbone)
+    except ValueError as error:
+      fields = ', '.join(f'config.model.{name}={value!r}' for name, value in config.model.items()
+                         if 'backbone' in name) or f'config.model_name={config.model_name!r}'
+      raise ValueError(f'config.init_from.backbone={config.init_from.backbone!r} does not fit the model built '
+                       f'from {fields}: {error}') from error
     state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+    if jax.process_index() == 0:
+      print(f'loaded backbone {convert.describe_backbone(config.init_from.backbone, backbone)}', flush=True)
+  if config.init_from.get('guide', 'none') not in ('', 'none'):
+    state = state_from_guide(config, state, model)
   if config.init_from.workdir:
     state = state_from_workdir(config, state, model.classifier_names)
   return jax.device_put(state, state_sharding)
+
+
+def state_from_guide(config, state, model):
+  """Copies a frame-level run (config.init_from.guide, e.g. an 'aen_frame' workdir) into the parts of `model` its
+  `guide_sources()` names: AEN's frozen guide whole, its trainable backbone and squeeze where they overlap (the
+  backbone's last stage, which the frame network does not have, keeps its initialisation)."""
+  directory = config.init_from.guide
+  if not hasattr(model, 'guide_sources'):
+    raise ValueError(f'config.init_from.guide={directory!r}, but {config.model_name!r} has no frame-level guide: '
+                     "leave config.init_from.guide='none'")
+  source = Checkpoints(directory, read_only=True)
+  step = source.best_step() or source.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'config.init_from.guide={directory!r} holds no checkpoint: train the frame-level '
+                            'network there first (model_name aen_frame)')
+  saved_model = source.saved_config(step).get('model_name')
+  if saved_model != 'aen_frame':
+    raise ValueError(f'config.init_from.guide={directory!r} holds a {saved_model!r} model, not the frame-level '
+                     "'aen_frame' network")
+  saved = source.restore_arrays(step)
+  source.close()
+  current = {'params': flax.core.unfreeze(state.params), 'batch_stats': flax.core.unfreeze(state.batch_stats)}
+  for collection in current:
+    saved_collection = saved.get(collection, {})
+    for target, source_name in model.guide_sources().items():
+      part = saved_collection if source_name == '' else saved_collection.get(source_name, {})
+      if target not in current[collection]:
+        if part:
+          raise ValueError(f'{config.model_name} has no {collection}[{target!r}] for config.init_from.guide')
+        continue
+      current[collection][target] = _overlay(current[collection][target], part, whole=source_name == '',
+                                             what=f'config.init_from.guide={directory!r} {collection}/{target}')
+  if jax.process_index() == 0:
+    print(f'guide and backbone initialised from {directory} step {step}', flush=True)
+  return state.replace(params=current['params'], batch_stats=current['batch_stats'])
+
+
+def _overlay(target, source, *, whole: bool, what: str):
+  """`target` with the arrays of `source` put in by path; every source array must fit, and with `whole` cover
+  all of target."""
+  flat_target, flat_source = _flatten(target), _flatten(source)
+  check_compatible({k: tuple(np.shape(v)) for k, v in flat_source.items()},
+                   {k: tuple(np.shape(v)) for k, v in flat_target.items() if whole or k in flat_source}, what=what)
+  merged = {k: jnp.asarray(flat_source.get(k, v), v.dtype) for k, v in flat_target.items()}
+  return flax.traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in merged.items()})
 
 
 def state_from_workdir(config, state, classifier_names: tuple[str, ...]):

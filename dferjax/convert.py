@@ -13,6 +13,7 @@ The trainer loads the result with `load_backbone(dir)` and `merge_backbone(varia
 (`config.init_from.backbone`).
 """
 import argparse
+import json
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -182,12 +183,26 @@ def merge_backbone(variables: Mapping[str, Any], backbone_variables: Mapping[str
   return merged
 
 
+SOURCE_FILENAME = 'dferjax_source.json'  # beside the arrays: which torch file a backbone came from
+
+
+def describe_backbone(directory, variables: Mapping[str, Any]) -> str:
+  """'<dir> (122 tensors, 11,176,512 parameters, from Resnet18_MS1M_pytorch.pth.tar)': the run's start line."""
+  source_path = Path(directory).expanduser() / SOURCE_FILENAME
+  source = json.loads(source_path.read_text())['source'] if source_path.is_file() else 'an unrecorded source file'
+  leaves = jax.tree.leaves(variables)
+  num_params = sum(np.size(x) for x in jax.tree.leaves(variables['params']))
+  return f'{directory} ({len(leaves)} tensors, {num_params:,} parameters, from {source})'
+
+
 def convert_checkpoint(input_path, output, *, overwrite: bool = False) -> Path:
   """torch checkpoint file -> Orbax backbone directory (returned); prints what it drops and writes."""
   variables, dropped = convert_state_dict(read_state_dict(input_path), source=str(input_path))
   for name in dropped:
     print(f'dropped {name}')
   directory = save_backbone(variables, output, overwrite=overwrite)
+  (directory / SOURCE_FILENAME).write_text(json.dumps({'source': Path(input_path).name,
+                                                       'path': str(Path(input_path).absolute())}))
   num_params = sum(x.size for x in jax.tree.leaves(variables['params']))
   print(f'wrote ResNet backbone ({num_params:,} params, width {variables["params"]["conv1"]["kernel"].shape[-1]}) '
         f'to {directory}')

@@ -2,28 +2,70 @@
 
     python -m dferjax.main --config configs/stt_dfew.py:fold=1 --workdir runs/stt_fold1 [--config.batch_size=64]
 
-Restarting the same command resumes from the workdir's latest checkpoint.
+Restarting the same command resumes from the workdir's latest checkpoint. To see a config's fields and defaults:
+
+    python -m dferjax.main --config configs/stt_dfew.py --print_config
+
+Expected errors (a misspelt field, bad data, a full disk) print one `error: ...` message and exit 1; Ctrl-C
+stops naming the last checkpoint; --verbose shows tracebacks.
 """
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from dferjax import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py[:args]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and reports.')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
                                  'Call jax.distributed.initialize() first (multi-host GPU clusters, TPU pods).')
-_VERBOSE = flags.DEFINE_bool('verbose', False, "Show the libraries' INFO logs (Orbax logs every save step).")
+_VERBOSE = flags.DEFINE_bool('verbose', False, "Show the libraries' INFO logs (Orbax logs every save step) and the "
+                             'tracebacks of expected errors.')
+_PRINT_CONFIG = flags.DEFINE_bool('print_config', False, 'Print the config (every field, after overrides) and exit.')
 _COMPILATION_CACHE = flags.DEFINE_string(
     'compilation_cache', os.path.expanduser('~/.cache/dferjax/jax'),
     'Persistent XLA compilation cache, so a restarted run does not recompile; empty to disable.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['config'])
+_HELP_FLAGS = ('-h', '-?', '--help', '--helpshort', '--helpfull')
+
+
+def parse_flags(argv):
+  """absl's parsing, but `--help` exits 0 and a misspelt `--config.<field>` names the block's fields."""
+  if any(arg in _HELP_FLAGS for arg in argv[1:]):
+    app.usage(shorthelp='--helpfull' not in argv, writeto_stdout=True, exitcode=0)
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as error:  # config_flags' override of a field that does not exist
+    sys.exit(f'error: {override_error(argv) or error}')
+
+
+def override_error(argv) -> str | None:
+  """Which `--config.<path>=` override names no field, with the fields that exist and the closest one."""
+  from dferjax import configlib  # pylint: disable=import-outside-toplevel
+  config_args = [arg.split('=', 1)[1] if '=' in arg else value for arg, value in zip(argv, [*argv[1:], ''])
+                 if arg == '--config' or arg.startswith('--config=')]
+  if not config_args:
+    return None
+  path, _, config_arg = config_args[-1].partition(':')
+  config = configlib.load_config(path, config_arg or None)
+  for arg in argv:
+    if arg.startswith('--config.'):
+      if message := cli.unknown_field_message(config, arg[len('--config.'):].split('=', 1)[0]):
+        return message
+  return None
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _PRINT_CONFIG.value:
+    print(_CONFIG.value)
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required (or --print_config to print the config)')
   if not _VERBOSE.value:
     logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
@@ -36,8 +78,9 @@ def main(argv):
     print(f'JAX process {jax.process_index()}/{jax.process_count()}, {jax.device_count()} devices: '
           f'{jax.devices()[0].device_kind} ...', flush=True)
   from dferjax import train  # pylint: disable=import-outside-toplevel
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  cli.run(lambda: train.train_and_evaluate(_CONFIG.value, _WORKDIR.value), verbose=_VERBOSE.value,
+          workdir=_WORKDIR.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -25,6 +25,8 @@ def batch_sharded(mesh) -> NamedSharding:
 
 def check_batch_size(global_batch_size: int, field: str = 'batch_size') -> int:
   """Returns the per-host batch size, failing early when the batch does not split over devices and hosts."""
+  if global_batch_size < 1:
+    raise ValueError(f'config.{field}={global_batch_size}: a batch needs at least one clip')
   if global_batch_size % jax.device_count():
     raise ValueError(f'config.{field}={global_batch_size} must be a multiple of the device count '
                      f'{jax.device_count()} (data parallelism splits the batch over devices)')

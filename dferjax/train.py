@@ -65,8 +65,16 @@ def learning_rate_schedule(optimizer: ml_collections.ConfigDict, steps_per_epoch
   return schedule
 
 
-def create_optimizer(optimizer: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """SGD/Adam with PyTorch's coupled weight decay (added to the gradient before momentum), on every parameter."""
+def create_optimizer(optimizer: ml_collections.ConfigDict, schedule: optax.Schedule,
+                     frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
+  """SGD/Adam with PyTorch's coupled weight decay (added to the gradient before momentum), on every parameter but
+  the top-level ones named in `frozen` (a model's `frozen_params`, e.g. AEN's guide): no update, no decay, no state."""
+  if frozen:
+    def labels(params):
+      return {name: jax.tree.map(lambda _: 'frozen' if name in frozen else 'trained', subtree)
+              for name, subtree in params.items()}
+    return optax.multi_transform({'trained': create_optimizer(optimizer, schedule), 'frozen': optax.set_to_zero()},
+                                 labels)
   parts = []
   if optimizer.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(optimizer.grad_clip_norm))
@@ -133,6 +141,11 @@ def init_train_accumulator(loss_terms: tuple[str, ...]) -> dict[str, Any]:
   """Sums on device since the last log: the loss, accuracy and every loss term (times clips), the clip count."""
   sums = {name: jnp.zeros((), jnp.float32) for name in ('loss', 'accuracy', *loss_terms)}
   return {'sums': sums, 'count': jnp.zeros((), jnp.int32), 'first_nonfinite_step': jnp.full((), -1, jnp.int32)}
+
+
+def frozen_params(model) -> tuple[str, ...]:
+  """The model's top-level parameters that training leaves as they are (optional contract field, default none)."""
+  return tuple(getattr(model, 'frozen_params', ()))
 
 
 def model_inputs(model, batch: dict) -> dict:
@@ -232,8 +245,8 @@ def make_steps(config: ml_collections.ConfigDict, *, steps_per_epoch: int | None
     if clash := sorted(set(loss.terms) & {'loss', 'accuracy', 'learning_rate'}):
       raise ValueError(f'loss terms {clash} clash with the logged train metrics')
     schedule = learning_rate_schedule(config.optimizer, steps_per_epoch, config.num_epochs)
-    init = functools.partial(create_train_state, model, create_optimizer(config.optimizer, schedule),
-                             input_shape=input_shape)
+    tx = create_optimizer(config.optimizer, schedule, frozen_params(model))
+    init = functools.partial(create_train_state, model, tx, input_shape=input_shape)
   else:
     init = functools.partial(create_eval_state, model, input_shape=input_shape)
   abstract_state = jax.eval_shape(init, rng)  # shapes only, no memory
@@ -292,12 +305,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     checkpoint_lib.check_resumable(config_json, checkpoints.saved_config(start_step), checkpoints.directory)
 
+  sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
+  local_batch_size = sharding.check_batch_size(config.batch_size)
   train_source, eval_source = inputs.data_sources(config)
   steps_per_epoch = config.steps_per_epoch if config.steps_per_epoch > 0 else len(train_source) // config.batch_size
   if steps_per_epoch < 1:
     raise ValueError(f'the train split has {len(train_source)} clips, fewer than config.batch_size={config.batch_size}')
   total_steps = steps_per_epoch * config.num_epochs
-  local_batch_size = sharding.check_batch_size(config.batch_size)
   steps = make_steps(config, steps_per_epoch=steps_per_epoch)
 
   train_iter = inputs.train_iterator(config, train_source, local_batch_size)
@@ -336,6 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       end_of_epoch = step % steps_per_epoch == 0
       checkpoint_now = end_of_epoch or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
       if end_of_epoch or checkpoint_now or step % config.log_every_steps == 0:
+        checkpoints.check_for_errors()  # a save that failed (full disk) stops the run here, not an epoch later
         train_metrics = epoch_totals.add(fetch_train_sums(accumulator, step))
         accumulator = steps.init_accumulator()
         train_metrics['learning_rate'] = float(steps.schedule(step - 1))

@@ -202,3 +202,26 @@ def test_merge_backbone_into_stt(tmp_path):
     convert.merge_backbone(variables, short)
   with pytest.raises(ValueError, match=r"no params\['backbone'\]"):
     convert.merge_backbone({'params': {}, 'batch_stats': {}}, backbone)
+
+
+def test_a_run_names_the_backbone_it_loads_and_the_config_field_that_does_not_fit(tmp_path, capsys):
+  import os
+  from dferjax import checkpoint as checkpoint_lib
+  from dferjax import configlib, train
+  torch.save(_random_resnet(7, width=16).state_dict(), tmp_path / 'resnet18_w16.pth')
+  convert.main(['--input', str(tmp_path / 'resnet18_w16.pth'), '--output', str(tmp_path / 'w16')])
+  config = configlib.load_config(os.path.join(os.path.dirname(__file__), 'tiny_config.py'))  # backbone_width=8
+  with config.unlocked():
+    config.init_from.backbone = str(tmp_path / 'w16')
+  steps = train.make_steps(config, steps_per_epoch=None)
+  state = steps.init(jax.random.key(0))
+  with pytest.raises(ValueError, match=r"(?s)config.init_from.backbone=.*w16' does not fit the model built from "
+                     r"config.model.backbone_stage=3, config.model.backbone_width=8: .*shape mismatches"):
+    checkpoint_lib.initial_state(config, state, steps.model, steps.state_sharding)
+  with config.unlocked():
+    config.model.backbone_width = 16
+  steps = train.make_steps(config, steps_per_epoch=None)
+  capsys.readouterr()
+  checkpoint_lib.initial_state(config, steps.init(jax.random.key(0)), steps.model, steps.state_sharding)
+  assert (f'loaded backbone {tmp_path / "w16"} (100 tensors, 702,096 parameters, from resnet18_w16.pth)'
+          in capsys.readouterr().out)

@@ -1,0 +1,79 @@
+"""What every command-line tool does with an expected error: one `error: ...` message on stderr and exit status 1,
+no traceback (`--verbose` keeps it). A bug (any other exception) keeps its traceback.
+
+    cli.run(lambda: train.train_and_evaluate(config, workdir), verbose=_VERBOSE.value, workdir=workdir)
+"""
+from __future__ import annotations
+
+import difflib
+import errno
+import os
+import sys
+from typing import Callable
+
+# Bad input, a bad config, an unwritable or full disk, a non-finite loss: the message says what to do.
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _os_error(error: BaseException) -> OSError | None:
+  """The OSError behind `error` (Orbax and grain re-raise a worker's failure under their own type)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, OSError) and error.errno is not None:
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def last_checkpoint(workdir: str | None) -> str:
+  """'the last checkpoint is <workdir>/checkpoints/<step>' (or that there is none) for the closing line."""
+  directory = os.path.join(workdir or '', 'checkpoints')
+  steps = [int(name) for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
+  if not steps:
+    return f'no checkpoint was written in {workdir}' if workdir else 'no checkpoint was written'
+  return f'the last checkpoint is {os.path.join(directory, str(max(steps)))} (the same command resumes from it)'
+
+
+def error_message(error: BaseException, workdir: str | None = None) -> str:
+  os_error = _os_error(error)
+  where = f' ({os_error.filename})' if os_error is not None and os_error.filename else ''
+  if os_error is not None and os_error.errno == errno.ENOSPC:
+    return f'no space left on device{where}: stopped; {last_checkpoint(workdir)}. Free some space and rerun.'
+  if os_error is not None and os_error.errno in _NOT_WRITABLE:
+    return f'cannot write{where}: {os_error.strerror}. Give a directory you can write (--workdir, --data_dir).'
+  text = str(error) if isinstance(error, (ValueError, OSError, FloatingPointError)) else \
+      f'{type(error).__name__}: {error}'
+  return '\n'.join([text, *getattr(error, '__notes__', [])])
+
+
+def run(fn: Callable, *, verbose: bool = False, workdir: str | None = None):
+  """fn(); an expected error exits 1 with one message, Ctrl-C exits 130 naming the last checkpoint."""
+  try:
+    return fn()
+  except KeyboardInterrupt:
+    if verbose:
+      raise
+    sys.stderr.write(f'\ninterrupted: {last_checkpoint(workdir)}\n' if workdir else '\ninterrupted\n')
+    sys.exit(130)
+  except EXPECTED_ERRORS as error:
+    if verbose:
+      raise
+    sys.stderr.write(f'error: {error_message(error, workdir)}\n')
+    sys.exit(1)
+
+
+def unknown_field_message(config, dotted: str) -> str | None:
+  """For an override `--config.optimizer.lr`: which config block lacks which field, its fields and the closest
+  name; None when the path exists."""
+  node, path = config, 'config'
+  for part in dotted.split('.'):
+    if not hasattr(node, 'keys') or part not in node:
+      fields = sorted(node.keys()) if hasattr(node, 'keys') else []
+      initials = [f for f in fields if ''.join(word[:1] for word in f.split('_')) == part or f.startswith(part)]
+      closest = initials or difflib.get_close_matches(part, fields, n=1, cutoff=0.4)  # 'lr': learning_rate
+      hint = f"; did you mean {path}.{closest[0]}?" if closest else ''
+      return f'{path} has no field {part!r} (its fields: {", ".join(fields)}){hint}'
+    node, path = node[part], f'{path}.{part}'
+  return None
