@@ -117,3 +117,15 @@ def test_the_demo_dataset_never_takes_the_place_of_a_real_build(monkeypatch, tmp
   with real.unlocked():
     real.dataset.data_dir = str(tmp_path)
   assert inputs.data_dir(real) == str(tmp_path)
+
+
+def test_only_the_order_blind_demo_reads_the_order_free_set_in_its_own_folder():
+  """CEFLNet cannot tell a motion from its time-reverse, so its demo reads the order-free classes, built apart from
+  the default set the other demos share (the two would otherwise refuse each other's folder)."""
+  from dferjax.data import inputs
+  for model in ('stt', 'nr_dfernet', 'est', 'ceflnet'):
+    demo = configlib.load_config(os.path.join(CONFIGS, 'demo_synthetic.py'), f'model={model}')
+    motions = 'order_free' if model == 'ceflnet' else 'time_reversed'
+    assert demo.dataset.synthetic.motions == motions
+    folder = 'synthetic_order_free' if model == 'ceflnet' else 'synthetic'
+    assert inputs.data_dir(demo) == os.path.join('data/tfds', folder)

@@ -4,7 +4,8 @@
     config.input.transforms = {}  # {name: {fields}} of pipeline.CLIP_TRANSFORMS, e.g. {'shuffle_snippets': {}}
 
 A config whose `dataset` holds a `synthetic` block (the demo) writes and builds the synthetic dataset first, under
-`<data_dir>/synthetic/`, so the demo's `dfew/fold1_px48` never takes the place of a real build of that name.
+`<data_dir>/synthetic/` (`synthetic_order_free/` for the order-free motion set), so the demo's `dfew/fold1_px48`
+never takes the place of a real build of that name, nor one motion set the other's.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def data_dir(config: ml_collections.ConfigDict) -> str:
   """Where `config.dataset` is built: the synthetic demo data in a subfolder of its own, as it shares the real
   datasets' builder names."""
   if 'synthetic' in config.dataset:
-    return os.path.join(config.dataset.data_dir, SYNTHETIC_SUBDIR)
+    motions = config.dataset.synthetic.get('motions', 'time_reversed')  # runs saved before motion sets
+    subdir = SYNTHETIC_SUBDIR if motions == 'time_reversed' else f'{SYNTHETIC_SUBDIR}_{motions}'
+    return os.path.join(config.dataset.data_dir, subdir)
   return config.dataset.data_dir
 
 
