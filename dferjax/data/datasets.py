@@ -30,7 +30,8 @@ def split_name(name: str) -> tuple[str, str | None]:
   """'dfew/fold1_px48' -> ('dfew', 'fold1_px48'); 'afew' -> ('afew', None) (the default config)."""
   dataset, _, config = name.partition('/')
   if dataset not in DATASETS:
-    raise ValueError(f'dataset name {name!r}: expected "<dataset>[/<config>]" with dataset in {DATASETS}')
+    raise ValueError(f'dataset name {name!r}: expected "<dataset>[/<config>]" with dataset in {DATASETS} '
+                     f"(or 'image_list', dferjax.data.image_list)")
   return dataset, (config or None)
 
 

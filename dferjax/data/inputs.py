@@ -14,7 +14,7 @@ import os
 import jax
 import ml_collections
 
-from dferjax.data import datasets, pipeline
+from dferjax.data import datasets, image_list, pipeline
 
 
 SYNTHETIC_SUBDIR = 'synthetic'
@@ -44,7 +44,10 @@ def data_sources(config: ml_collections.ConfigDict):
 
 def split_source(config: ml_collections.ConfigDict, split: str):
   """One split of `config.dataset`, without the clips shorter than `config.dataset.min_frames` (if > 1)."""
-  source = datasets.data_source(config.dataset.name, split, data_dir(config))
+  if config.dataset.name == image_list.NAME:  # single images as one-frame clips (AEN's RAF-DB pre-training)
+    source = image_list.split_source(config.dataset, split)
+  else:
+    source = datasets.data_source(config.dataset.name, split, data_dir(config))
   if config.dataset.min_frames > 1:
     total = len(source)
     source, left_out = datasets.drop_short_clips(source, config.dataset.min_frames)
