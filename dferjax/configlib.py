@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.init_from.workdir = ''  # a dferjax workdir whose best checkpoint starts this run (AFEW from DFEW fd1)
   config.init_from.step = -1  # -1: the best checkpoint of that workdir
   config.init_from.reset_classifier = False  # keep everything but the model's classifier_names
+  # AEN: the workdir of a frame-level run (model_name aen_frame) for its frozen guide and starting backbone;
+  # 'none': no guide weights; '' (AEN's paper configs): required.
+  config.init_from.guide = 'none'
   return config
 
 

@@ -3,12 +3,13 @@ import dataclasses
 
 import flax.linen as nn
 
+from dferjax.models.aen import AEN, AENFrame
 from dferjax.models.ceflnet import CEFLNet
 from dferjax.models.est import EST
 from dferjax.models.nr_dfernet import NRDFERNet
 from dferjax.models.stt import STT
 
-MODELS = {'stt': STT, 'nr_dfernet': NRDFERNet, 'ceflnet': CEFLNet, 'est': EST}
+MODELS = {'stt': STT, 'nr_dfernet': NRDFERNet, 'ceflnet': CEFLNet, 'est': EST, 'aen': AEN, 'aen_frame': AENFrame}
 
 _NOT_FIELDS = ('parent', 'name', 'num_classes')
 

@@ -70,19 +70,21 @@ class ResNet(nn.Module):
   Stage s has `width * 2**(s-1)` channels and stride 2 except stage 1; at 112 px the outputs are
   28, 28, 14, 7, 4 px for the max-pool and stages 1..4. No fc head.
   """
-  stage_sizes: Sequence[int] = (2, 2, 2, 2)  # AEN uses (2, 1, 2, 2), NR-DFERNet (1, 1, 1)
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)  # AEN's prototype uses (2, 1, 2, 2), NR-DFERNet (1, 1, 1)
   width: int = 64
   # 'conv7': torchvision's 7x7/2 conv1; 'conv3x2': NR-DFERNet's conv1 = [3x3/2 conv, BN, ReLU, 3x3 conv] (refs.md §1.4)
   stem: str = 'conv7'
   last_stage: int = 4
   pool: bool = False  # global average pool -> [n, channels] (CEFLNet/EST's 512-d frame feature)
   max_pool_impl: str = 'reduce_window'  # or 'slices' (max_pool_3x3_stride_2)
+  return_stages: bool = False  # every stage's output, [stage 1, ..., last_stage] (AEN's semantic levels)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
-    """images: [n, height, width, 3] -> [n, h', w', channels] or [n, channels] if `pool`."""
+    """images: [n, height, width, 3] -> [n, h', w', channels], [n, channels] if `pool` (the last stage), or the
+    list of stage outputs if `return_stages`."""
     if not 1 <= self.last_stage <= len(self.stage_sizes):
       raise ValueError(f'last_stage={self.last_stage} must be in 1..{len(self.stage_sizes)}')
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -99,14 +101,16 @@ class ResNet(nn.Module):
       raise ValueError(f"stem={self.stem!r} not in ('conv7', 'conv3x2')")
     x = nn.relu(_batch_norm(train, self.dtype, self.param_dtype, 'bn1')(x))
     x = max_pool_3x3_stride_2(x, self.max_pool_impl)
+    stages = []
     for stage, num_blocks in enumerate(self.stage_sizes[:self.last_stage]):
       for block in range(num_blocks):
         x = BasicBlock(self.width * 2**stage, strides=2 if stage > 0 and block == 0 else 1,
                        dtype=self.dtype, param_dtype=self.param_dtype,
                        name=f'layer{stage + 1}_{block}')(x, train=train)
+      stages.append(x)
     if self.pool:
-      x = x.mean(axis=(1, 2))
-    return x
+      stages[-1] = stages[-1].mean(axis=(1, 2))
+    return stages if self.return_stages else stages[-1]
 
 
 ResNet18 = partial(ResNet, stage_sizes=(2, 2, 2, 2))
