@@ -26,6 +26,12 @@ TINY_RUNS = {
     'ceflnet': (dict(num_frames=14, num_snippets=7, frames_per_snippet=2, backbone_width=8, num_heads=2,
                      classifier_dims=(16, 8), slot_unroll=14),
                 dict(name='snippets', frames_per_snippet=2), 32, {}),
+    'aen': (dict(num_frames=4, backbone_width=8, low_channels=1, middle_channels=4, num_layers=1, num_heads=2,
+                 head_dim=8, mlp_dim=16),
+            configlib.segment_sampler(num_segments=2, frames_per_segment=2), 32, {}),
+    # The frame-level guide network: one frame per clip.
+    'aen_frame': (dict(num_frames=1, backbone_width=8, middle_channels=4),
+                  configlib.segment_sampler(num_segments=1, frames_per_segment=1), 32, {}),
 }
 
 
