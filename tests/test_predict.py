@@ -201,6 +201,21 @@ def test_haar_cascade_finds_the_drawn_face():
   assert hits >= 2, f'the cascade found {hits} of 4 drawn faces'
 
 
+@pytest.mark.skipif(not _has_cascade(), reason=f'opencv {cv2.__version__} ships no Haar cascade (OpenCV 5 dropped them)')
+def test_haar_cascade_end_to_end(tmp_path, tiny_workdir):
+  """The command with OpenCV's cascade: a drawn face off-centre in a wider video is found; a faceless video fails."""
+  frames, _ = _face_frames(num_frames=12, size=160)
+  canvas = np.full((12, 200, 320, 3), 120, np.uint8)
+  canvas[:, 20:180, 150:310] = frames
+  record = predict.main(['--workdir', tiny_workdir('stt'), '--video', _write_video(tmp_path / 'wide.avi', canvas),
+                         '--out', str(tmp_path / 'out')])
+  assert record['frames_with_face'] >= 3 and record['face_detection'] == predict.CASCADE
+  assert sum(record['video']['probabilities'].values()) == pytest.approx(1, abs=1e-5)
+  blank = _write_video(tmp_path / 'blank.avi', np.full((12, 120, 160, 3), 128, np.uint8))
+  with pytest.raises(SystemExit, match=r'^error: no face found in any of the 12 frames of .*blank\.avi: .*--no_detect'):
+    predict.main(['--workdir', tiny_workdir('stt'), '--video', blank, '--out', str(tmp_path / 'out')])
+
+
 def test_without_a_cascade_detection_fails_naming_the_fix(tmp_path, monkeypatch, video, tiny_workdir):
   monkeypatch.delattr(cv2, 'CascadeClassifier', raising=False)
   with pytest.raises(SystemExit, match=r'^error: face detection needs OpenCV.*--no_detect'):
