@@ -222,10 +222,13 @@ def main(argv=None) -> None:
   parser.add_argument('--input', required=True, help='torch checkpoint (.pth / .pth.tar)')
   parser.add_argument('--output', required=True, help='directory for the Orbax checkpoint')
   parser.add_argument('--overwrite', action='store_true', help='replace an existing --output')
+  parser.add_argument('--verbose', action='store_true', help='show the traceback of an error')
   args = parser.parse_args(argv)
   try:
     convert_checkpoint(args.input, args.output, overwrite=args.overwrite)
   except CLI_ERRORS as error:
+    if args.verbose:
+      raise
     raise SystemExit(f'error: {_error_message(error, args.input)}') from error
 
 

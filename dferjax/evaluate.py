@@ -4,6 +4,8 @@ per-clip outputs (`clip_outputs`: CEFLNet's salient snippet) gets them written t
 
     python -m dferjax.evaluate --workdir runs/stt_dfew_fold1 [--step best|latest|N]
     python -m dferjax.evaluate --folds runs/stt_dfew_fold1,runs/stt_dfew_fold2,... [--select_by war]
+
+Expected errors print one `error: ...` message and exit 1 (--verbose: the traceback).
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import re
 from absl import app, flags
 import ml_collections
 
+from dferjax import cli
+
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A dferjax workdir to re-evaluate.')
 _STEP = flags.DEFINE_string('step', 'best', "'best', 'latest' or a step number.")
 _SPLIT = flags.DEFINE_string('split', None, 'Split to evaluate (default: the config eval_split).')
@@ -23,6 +27,7 @@ _FOLDS = flags.DEFINE_list('folds', None, 'Workdirs of the 5 DFEW folds, to coll
 _SELECT_BY = flags.DEFINE_enum('select_by', 'war', ['war', 'uar'],
                                'Fold table: per fold, the epoch with the best test metric (the public repos\' protocol).')
 _LAST = flags.DEFINE_bool('last', False, 'Fold table: use the last epoch instead of the best.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the traceback of an expected error (else one message).')
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -47,6 +52,9 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
   elif step == 'latest':
     chosen = checkpoints.latest_step()
   else:
+    if not step.isdigit():
+      raise ValueError(f"--step {step!r}: expected 'best', 'latest' or a step number ({workdir} holds steps "
+                       f'{checkpoints.all_steps()})')
     chosen = int(step)
     if chosen not in checkpoints.all_steps():
       raise ValueError(f'--step {chosen}: {workdir} holds steps {checkpoints.all_steps()}')
@@ -66,6 +74,10 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
 
 def main(argv):
   del argv
+  cli.run(run_command, verbose=_VERBOSE.value)
+
+
+def run_command():
   from dferjax import reports  # pylint: disable=import-outside-toplevel
   from tfds_builders.labels import CLASS_NAMES  # pylint: disable=import-outside-toplevel
   if bool(_WORKDIR.value) == bool(_FOLDS.value):

@@ -11,6 +11,7 @@ Then read with `dferjax.data.datasets.data_source('dfew/fold1_px48', 'train', da
 import argparse
 import os
 
+from dferjax import cli
 from dferjax.data import build
 from dferjax.data.datasets import DATASETS
 
@@ -27,12 +28,12 @@ def main(argv=None):
                       help='frame size for every config (DFEW without --configs: fold1..fold5 at this size)')
   parser.add_argument('--workers', type=int, default=os.cpu_count(), help='CPU cores to use (processes x threads)')
   parser.add_argument('--overwrite', action='store_true', help='rebuild configs that are already built')
+  parser.add_argument('--verbose', action='store_true', help='show the traceback of an expected error')
   args = parser.parse_args(argv)
-  try:
-    reports = build.build(args.dataset, args.manual_dir, args.data_dir, args.configs, image_size=args.image_size,
-                          workers=args.workers, overwrite=args.overwrite)
-  except (FileNotFoundError, ValueError) as error:  # bad input: the message names the file; no traceback
-    parser.exit(1, '\n'.join(['error: ' + str(error), *getattr(error, '__notes__', [])]) + '\n')
+  # Bad input: one message naming the file, exit 1, no traceback (--verbose keeps it).
+  reports = cli.run(lambda: build.build(args.dataset, args.manual_dir, args.data_dir, args.configs,
+                                        image_size=args.image_size, workers=args.workers, overwrite=args.overwrite),
+                    verbose=args.verbose)
   print(build.format_summary(reports))
 
 

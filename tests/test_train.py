@@ -209,3 +209,34 @@ def test_run_folds_collects_a_table_in_the_papers_layout(tmp_path, data_dir):
           if json.loads(line)['split'] == 'test']
   assert 'mean' in output and 'UAR' in output and 'WAR' in output
   assert f'{100 * np.mean(wars):.2f}' in output
+
+
+def test_ctrl_c_stops_within_seconds_naming_the_last_checkpoint(tmp_path, data_dir):
+  process = run_main(tmp_path, data_dir, '--config.num_epochs=30', wait=False)
+  deadline = time.time() + 300
+  while not (tmp_path / 'checkpoints' / '3').is_dir():
+    assert process.poll() is None, process.communicate()[0]
+    assert time.time() < deadline, 'no checkpoint at step 3'
+    time.sleep(0.05)
+  process.send_signal(signal.SIGINT)
+  interrupted = time.time()
+  output, _ = process.communicate(timeout=60)
+  assert time.time() - interrupted < 30, output  # seconds, not the rest of the epoch (under a loaded CPU)
+  assert process.returncode == 130 and 'Traceback' not in output, output
+  last = max(int(name) for name in os.listdir(tmp_path / 'checkpoints') if name.isdigit())
+  assert f'interrupted: the last checkpoint is {tmp_path / "checkpoints" / str(last)}' in output
+
+
+def test_a_failed_save_stops_the_run_at_once_with_its_checkpoints_intact(tmp_path, data_dir, monkeypatch):
+  """A full disk fails an asynchronous save; the run stops at the next log, not an epoch later (issue 18)."""
+  import errno
+
+  def check_for_errors(checkpoints):
+    if checkpoints.latest_step() is not None:
+      raise OSError(errno.ENOSPC, 'No space left on device', checkpoints.directory)
+  monkeypatch.setattr(checkpoint_lib.Checkpoints, 'check_for_errors', check_for_errors)
+  with pytest.raises(OSError, match='No space left'):
+    train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+  epochs = [json.loads(line)['epoch'] for line in open(tmp_path / 'metrics.jsonl')
+            if json.loads(line)['split'] == 'test']
+  assert epochs == [1] and final_params(tmp_path)[0] == 3  # stopped at step 4's log; epoch 1's checkpoint reads

@@ -19,6 +19,7 @@ import os
 import pathlib
 import queue as queue_lib
 import sys
+import threading
 import time
 
 import tqdm
@@ -136,9 +137,17 @@ def is_built(builder) -> bool:
 _progress_queue = None  # set in each worker process
 
 
-def _init_worker(progress_queue):
+def _exit_with_parent(parent_pid: int) -> None:
+  """A worker whose parent is gone (killed: no chance to stop the pool) exits instead of building on."""
+  while os.getppid() == parent_pid:
+    time.sleep(0.5)
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def _init_worker(progress_queue, parent_pid: int):
   global _progress_queue
   _progress_queue = progress_queue
+  threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
   sys.stdout = open(os.devnull, 'w')  # TFDS prints per build; the parent shows one bar and one summary
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.display_progress_bar(False)
@@ -215,7 +224,7 @@ def _build_in_processes(dataset, names, manual_dir, data_dir, processes, threads
   progress_queue = context.Queue()
   failure = None
   with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context, initializer=_init_worker,
-                                              initargs=(progress_queue,)) as pool:
+                                              initargs=(progress_queue, os.getpid())) as pool:
     futures = {pool.submit(_build_one, dataset, name, os.fspath(manual_dir), os.fspath(data_dir), threads,
                            overwrite): name for name in names}
     pending = set(futures)

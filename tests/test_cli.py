@@ -1,0 +1,110 @@
+"""Every command prints an expected error as one `error: ...` message and exits non-zero, without a traceback
+(issue 18); `--help` exits 0; killing build_dataset takes its workers with it."""
+import errno
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dferjax import cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / 'tests' / 'tiny_config.py'
+ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True,
+                        timeout=300, check=False)
+
+
+def _one_error(result, *wanted):
+  assert result.returncode == 1, result.stdout + result.stderr
+  assert 'Traceback' not in result.stderr, result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1, result.stderr
+  for text in wanted:
+    assert text in result.stderr, result.stderr
+
+
+def test_main_help_exits_zero_and_says_how_to_print_a_config():
+  result = _run('-m', 'dferjax.main', '--help')
+  assert result.returncode == 0 and '--print_config' in result.stdout and '--config configs/' in result.stdout
+  result = _run('-m', 'dferjax.main', '--config', TINY_CONFIG, '--print_config', '--config.batch_size=8')
+  assert result.returncode == 0 and 'batch_size: 8' in result.stdout and 'learning_rate: 0.01' in result.stdout
+
+
+def test_main_config_typo_names_the_fields_and_the_closest():
+  result = _run('-m', 'dferjax.main', '--config', TINY_CONFIG, '--workdir=/tmp/unused', '--config.optimizer.lr=0.1')
+  _one_error(result, "config.optimizer has no field 'lr'", 'learning_rate, momentum',
+             'did you mean config.optimizer.learning_rate?')
+
+
+@pytest.mark.parametrize('case', ['batch_size_0', 'unwritable_workdir'])
+def test_main_expected_errors_are_one_message(tmp_path, case):
+  if case == 'batch_size_0':
+    args, wanted = (f'--workdir={tmp_path}', '--config.batch_size=0'), ('config.batch_size=0',)
+  else:
+    args, wanted = ('--workdir=/sys/dferjax_unwritable_run',), ('cannot write (/sys/dferjax_unwritable_run)',)
+  _one_error(_run('-m', 'dferjax.main', '--config', TINY_CONFIG, '--compilation_cache=', *args), *wanted)
+
+
+def test_evaluate_bad_step_and_duplicated_folds_are_one_message(tmp_path):
+  for fold, name in ((1, 'a'), (1, 'b')):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'config.json').write_text(json.dumps({'dataset': {'name': f'dfew/fold{fold}_px32'}}))
+  _one_error(_run('-m', 'dferjax.evaluate', f'--folds={tmp_path / "a"},{tmp_path / "b"}'),
+             f'fold 1 is given twice: {tmp_path / "a"}, {tmp_path / "b"}')
+  (tmp_path / 'a' / 'checkpoints').mkdir()
+  _one_error(_run('-m', 'dferjax.evaluate', f'--workdir={tmp_path / "a"}', '--step=foo'),
+             "--step 'foo': expected 'best', 'latest' or a step number")
+
+
+def test_full_disk_and_unwritable_paths_read_plainly(tmp_path):
+  (tmp_path / 'checkpoints' / '6').mkdir(parents=True)
+  (tmp_path / 'checkpoints' / '9.orbax-checkpoint-tmp-1').mkdir()
+  wrapped = RuntimeError('save failed')
+  wrapped.__cause__ = OSError(errno.ENOSPC, 'No space left on device', str(tmp_path / 'checkpoints' / '9'))
+  message = cli.error_message(wrapped, str(tmp_path))
+  assert message.startswith('no space left on device') and 'stopped' in message
+  assert f'the last checkpoint is {tmp_path / "checkpoints" / "6"}' in message
+
+
+def _children(pid):
+  path = pathlib.Path(f'/proc/{pid}/task/{pid}/children')
+  return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid):
+  try:
+    return pathlib.Path(f'/proc/{pid}/stat').read_text().split()[2] != 'Z'
+  except FileNotFoundError:
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+def test_killing_build_dataset_kills_its_workers(tmp_path):
+  from dferjax.data import synthetic
+  synthetic.write_dfew(tmp_path / 'manual', clips_per_class=3, seed=0)
+  process = subprocess.Popen(
+      [sys.executable, 'scripts/build_dataset.py', '--dataset=dfew', f'--manual_dir={tmp_path / "manual"}',
+       f'--data_dir={tmp_path / "data"}', '--configs=fold1_px32,fold2_px32', '--workers=2'],
+      cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while len(workers := [child for child in _children(process.pid) if _alive(child)]) < 2:
+    assert process.poll() is None and time.time() < deadline, 'no worker processes started'
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  deadline = time.time() + 15
+  while any(_alive(worker) for worker in workers) and time.time() < deadline:
+    time.sleep(0.1)
+  left = [worker for worker in workers if _alive(worker)]
+  for worker in left:
+    os.kill(worker, signal.SIGKILL)
+  assert not left, 'build_dataset workers outlived their parent'
