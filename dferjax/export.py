@@ -9,7 +9,7 @@ FILE.pt is a plain `torch.save`d state dict (parameters and BatchNorm running st
     model = export.load_exported('stt_fold1.pt')   # the transcription, weights loaded strictly, in eval mode
     logits = model(video)                           # video: float [batch, frames, 3, height, width] in [0, 1]
 
-Errors are one `error: ...` line on stderr, exit status 1.
+Expected errors are one `error: ...` line on stderr, exit status 1 (`--verbose`: the traceback).
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ import os
 import pathlib
 import sys
 from typing import Any
+
+from dferjax import cli
 
 # Fields of a flax model that set how it computes, not what it computes: they have no torch argument.
 COMPUTE_FIELDS = ('dtype', 'param_dtype', 'attention_impl', 'max_pool_impl', 'remat_backbone', 'slot_unroll')
@@ -151,11 +153,9 @@ def main(argv=None) -> dict:
   parser.add_argument('--workdir', required=True, help='a dferjax run directory')
   parser.add_argument('--output', required=True, help='the .pt file to write (its .json description goes beside it)')
   parser.add_argument('--step', default='best', help="'best', 'latest' or a step number")
+  parser.add_argument('--verbose', action='store_true', help='the traceback of an expected error (else one line)')
   args = parser.parse_args(argv)
-  try:
-    description = export(args.workdir, args.output, args.step)
-  except (ValueError, OSError, ImportError) as error:
-    raise SystemExit(f'error: {error}') from error
+  description = cli.run(lambda: export(args.workdir, args.output, args.step), verbose=args.verbose)
   print(f'wrote {args.output} ({description["module"]}.{description["class"]}, {args.workdir} step '
         f'{description["step"]}) and {description_path(args.output)}')
   return description

@@ -8,7 +8,7 @@ cascade misses, padded to a square), cropped and resized to the run's frame size
 Overlapping windows of frames then go through the evaluation path of the run (`pipeline.EvalClip`: the config's
 test sampler, resize, clip transforms with evaluation draws) and the model in eval mode. Writes
 `predictions.json` (per window and whole video, class names with probabilities) and `timeline.png`.
-Errors are one `error: ...` line on stderr, exit status 1.
+Expected errors are one `error: ...` line on stderr, exit status 1 (`--verbose`: the traceback).
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterator
 
 import cv2
 import numpy as np
+
+from dferjax import cli
 
 CASCADE = 'haarcascade_frontalface_alt2.xml'  # of OpenCV's bundled cascades, the one that finds the most drawn faces
 DETECT_SIDE = 480  # frames are searched at most this large: a face of a DFER video is a large part of the frame
@@ -365,13 +367,12 @@ def main(argv=None) -> dict:
   parser.add_argument('--margin', type=float, default=0.25, help='face box padding, as a fraction of its side')
   parser.add_argument('--smoothing', type=float, default=0.6, help='weight of the past in the box moving average')
   parser.add_argument('--batch_size', type=int, default=8, help='windows per model call')
+  parser.add_argument('--verbose', action='store_true', help='the traceback of an expected error (else one line)')
   args = parser.parse_args(argv)
-  try:
-    record = predict(args.workdir, video=args.video, frames=args.frames, step=args.step, out=args.out,
-                     detect=not args.no_detect, window_seconds=args.window, stride_seconds=args.stride, fps=args.fps,
-                     margin=args.margin, smoothing=args.smoothing, batch_size=args.batch_size)
-  except (ValueError, OSError) as error:
-    raise SystemExit(f'error: {error}') from error
+  record = cli.run(lambda: predict(
+      args.workdir, video=args.video, frames=args.frames, step=args.step, out=args.out, detect=not args.no_detect,
+      window_seconds=args.window, stride_seconds=args.stride, fps=args.fps, margin=args.margin,
+      smoothing=args.smoothing, batch_size=args.batch_size), verbose=args.verbose)
   summary = ', '.join(f'{name} {p:.2f}' for name, p in record['video']['probabilities'].items())
   print(f'{record["input"]}: {record["video"]["prediction"]} ({summary}); {len(record["windows"])} windows')
   return record

@@ -95,3 +95,13 @@ def tiny_workdir(tmp_path_factory):
       written[model_name] = str(path)
     return written[model_name]
   return workdir
+
+
+def fails_in_one_line(capsys, main, argv) -> str:
+  """Runs a command's main(argv) that must fail: exit status 1 and one `error: ...` line on stderr, returned."""
+  with pytest.raises(SystemExit) as exit_info:
+    main(argv)
+  assert exit_info.value.code == 1
+  stderr = capsys.readouterr().err
+  assert stderr.startswith('error: ') and stderr.count('\n') == 1, stderr
+  return stderr
