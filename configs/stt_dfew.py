@@ -1,7 +1,7 @@
 """STT on DFEW, one fold (Ma et al. 2022, Tab. 3: 5-fold mean UAR 54.58, WAR 66.65).
 
     python -m dferjax.main --config configs/stt_dfew.py:fold=1 --workdir runs/stt_dfew_fold1 \
-        --config.init_from.backbone=weights/resnet18_msceleb
+        --config.init_from.backbone=weights/resnet18_ms1m
 
 Paper settings: ResNet18 (MS-Celeb-1M) through layer3, N=4 blocks, 8 heads, d=512, 16 frames (S=8 x T=2) of
 112 px, compact softmax CE with beta=0.2, SGD lr 0.01 (momentum 0.9, wd 1e-4 as in the authors' public code),

@@ -1,7 +1,7 @@
 """STT on FERV39K (train/test), the DFEW recipe unchanged as in Former-DFER's FERV39K runs.
 
     python -m dferjax.main --config configs/stt_ferv39k.py --workdir runs/stt_ferv39k \
-        --config.init_from.backbone=weights/resnet18_msceleb
+        --config.init_from.backbone=weights/resnet18_ms1m
 """
 from configs import stt_dfew
 
