@@ -1,7 +1,7 @@
 """AEN on FERV39K, train/test (Lee et al. 2023, Tab. 5: 7-class UAR 38.18 / WAR 47.88, 3-class 61.33 / 64.79).
 
     python -m dferjax.main --config configs/aen_frame_ferv39k.py --workdir runs/aen_frame_ferv39k \
-        --config.init_from.backbone=weights/resnet18_msceleb
+        --config.init_from.backbone=weights/resnet18_ms1m
     python -m dferjax.main --config configs/aen_ferv39k.py --workdir runs/aen_ferv39k \
         --config.init_from.guide=runs/aen_frame_ferv39k
 

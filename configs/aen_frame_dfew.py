@@ -1,7 +1,7 @@
 """AEN's frame-level guide network, pre-trained on single frames of a DFEW fold's training clips.
 
     python -m dferjax.main --config configs/aen_frame_dfew.py:fold=1 --workdir runs/aen_frame_dfew_fold1 \
-        --config.init_from.backbone=weights/resnet18_msceleb
+        --config.init_from.backbone=weights/resnet18_ms1m
 
 AEN (Sec. 4.3) pre-trains its backbone as a 2D FER network on RAF-DB; that network then starts AEN's backbone and,
 frozen, gives the per-frame emotion probabilities of the guided losses (configs/aen_dfew.py takes this workdir as

@@ -16,7 +16,7 @@ import numpy as np
 DPI = 100
 
 
-def confusion_figure(confusion, class_names: Sequence[str], normalize: bool = True) -> Figure:
+def confusion_figure(confusion, class_names: Sequence[str], normalize: bool = True, title: str = '') -> Figure:
   """A heat map of confusion [C, C] (rows = true, columns = predicted) with counts in the cells.
 
   With `normalize` the colours are row-normalised (per-class recall on the diagonal) and cells also
@@ -47,6 +47,8 @@ def confusion_figure(confusion, class_names: Sequence[str], normalize: bool = Tr
   axes.set_yticks(range(num_classes), class_names)
   axes.set_xlabel('predicted')
   axes.set_ylabel('true')
+  if title:  # which checkpoint the matrix is of: a PNG alone cannot say
+    axes.set_title(title, fontsize=9)
   figure.tight_layout()
   return figure
 
@@ -66,13 +68,20 @@ def _save(figure: Figure, path: str | os.PathLike) -> pathlib.Path:
 
 
 def plot_confusion_matrix(confusion, class_names: Sequence[str], path: str | os.PathLike,
-                          normalize: bool = True) -> pathlib.Path:
-  """Writes the confusion matrix [C, C] as a PNG (counts, and row-normalised % with `normalize`)."""
-  return _save(confusion_figure(confusion, class_names, normalize), path)
+                          normalize: bool = True, title: str = '') -> pathlib.Path:
+  """Writes the confusion matrix [C, C] as a PNG (counts, and row-normalised % with `normalize`), titled with
+  `title` (e.g. the checkpoint it shows)."""
+  return _save(confusion_figure(confusion, class_names, normalize, title), path)
 
 
 def plot_learning_curves(records: Sequence[Mapping], path: str | os.PathLike) -> pathlib.Path:
-  """Writes a PNG of train loss (left) and eval UAR/WAR in % (right) against epoch.
+  """Writes a PNG of train loss (left) and eval UAR/WAR in % (right) against epoch (`learning_curves_figure`)."""
+  return _save(learning_curves_figure(records), path)
+
+
+def learning_curves_figure(records: Sequence[Mapping]) -> Figure:
+  """Train loss (left) and eval UAR/WAR in % (right) against epoch; WAR dashed with hollow markers over a solid
+  UAR, so both stay visible where they coincide (balanced test sets).
 
   `records`: metric records as returned by `writers.read_records(workdir)`; train records need 'loss',
   eval records (any split but 'train') 'uar' and 'war'.
@@ -92,8 +101,10 @@ def plot_learning_curves(records: Sequence[Mapping], path: str | os.PathLike) ->
       if any(record.get('loss') is not None for record in split_evals):
         losses = [math.nan if record.get('loss') is None else record['loss'] for record in split_evals]
         loss_axes.plot(epochs, losses, marker='.', label=f'{split} loss')
-      recall_axes.plot(epochs, [100 * record['uar'] for record in split_evals], marker='.', label=f'{split} UAR')
-      recall_axes.plot(epochs, [100 * record['war'] for record in split_evals], marker='.', label=f'{split} WAR')
+      recall_axes.plot(epochs, [100 * record['uar'] for record in split_evals], marker='.', linewidth=2.5,
+                       label=f'{split} UAR')
+      recall_axes.plot(epochs, [100 * record['war'] for record in split_evals], marker='o', markerfacecolor='none',
+                       linestyle='--', linewidth=1.2, label=f'{split} WAR')
   loss_axes.set(xlabel='epoch', ylabel='loss', title='loss')
   recall_axes.set(xlabel='epoch', ylabel='%', title='UAR / WAR')
   for axes in (loss_axes, recall_axes):
@@ -101,4 +112,4 @@ def plot_learning_curves(records: Sequence[Mapping], path: str | os.PathLike) ->
     if axes.lines:
       axes.legend()
   figure.tight_layout()
-  return _save(figure, path)
+  return figure

@@ -251,8 +251,8 @@ class MetricWriter:
 class ProgressBar:
   """A tqdm bar over one epoch's steps showing clips/s and step time.
 
-  JAX dispatches asynchronously: call `update` after something that waits for the step (fetching its
-  loss), or the times measure dispatch, not compute. The first update (compilation) is left out of the means.
+  JAX dispatches asynchronously: pass the step's output as `update(wait_for=...)` (the bar waits for it) or
+  the times measure dispatch, not compute. The first update (compilation) is left out of the means.
   """
 
   def __init__(self, total: int, batch_size: int, *, initial: int = 0, description: str | None = None,
@@ -268,9 +268,13 @@ class ProgressBar:
     self._updates = 0
     self._timed_steps = 0
     self._timed_seconds = 0.0
+    self.enabled = enabled
 
-  def update(self, num_steps: int = 1, **postfix) -> None:
-    """Advances by `num_steps`; `postfix` values (e.g. loss=1.23) are shown next to the rates."""
+  def update(self, num_steps: int = 1, wait_for=None, **postfix) -> None:
+    """Advances by `num_steps` once `wait_for` (the step's outputs) is computed, so clips/s counts finished work;
+    `postfix` values (e.g. loss=1.23) are shown next to the rates. A disabled bar does not wait."""
+    if wait_for is not None and self.enabled:
+      jax.block_until_ready(wait_for)
     now = time.perf_counter()
     seconds, self._last_time = now - self._last_time, now
     if self._updates > 0:  # the first update's time is mostly compilation

@@ -52,3 +52,29 @@ def test_plots_imports_neither_writers_nor_reports():
   code = 'import sys; import dferjax.plots; print(sorted(m for m in sys.modules if m.startswith("dferjax")))'
   loaded = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
   assert 'dferjax.plots' in loaded and 'writers' not in loaded and 'reports' not in loaded
+
+
+def test_confusion_png_says_which_checkpoint_it_shows(tmp_path, monkeypatch):
+  from dferjax import configlib, train
+  with writers.MetricWriter(tmp_path, enabled=True, tensorboard=False) as writer:
+    for epoch, accuracy in ((1, 0.3), (2, 0.9), (3, 0.5)):
+      writer.write('train', epoch * 10, epoch, {'loss': 1.0})
+      writer.write_eval(epoch * 10, epoch, random_confusion(np.random.default_rng(epoch), accuracy=accuracy),
+                        CLASS_NAMES)
+  titles = []
+  monkeypatch.setattr(plots, 'plot_confusion_matrix', lambda *args, title='', **kwargs: titles.append(title))
+  config = configlib.base_config()
+  last = writers.read_records(tmp_path, 'test')[-1]
+  train.write_final_reports(str(tmp_path), config, last, best_step=20, head_names=[])
+  assert len(titles) == 1 and titles[0].startswith('test, best WAR: step 20 (epoch 2), UAR ')
+  figure = plots.confusion_figure(random_confusion(np.random.default_rng(0)), CLASS_NAMES, title=titles[0])
+  assert figure.axes[0].get_title() == titles[0]
+
+
+def test_uar_and_war_curves_stay_visible_when_they_coincide():
+  records = [{'split': 'test', 'step': epoch, 'epoch': epoch, 'uar': 0.5, 'war': 0.5} for epoch in (1, 2, 3)]
+  recall_axes = plots.learning_curves_figure(records).axes[1]
+  uar, war = recall_axes.lines
+  assert list(uar.get_ydata()) == list(war.get_ydata())
+  assert uar.get_linestyle() != war.get_linestyle() and uar.get_marker() != war.get_marker()
+  assert war.get_markerfacecolor() == 'none'  # hollow: the UAR marker shows through

@@ -2,6 +2,7 @@
 import json
 import pathlib
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -200,3 +201,23 @@ def test_metric_heads_get_their_own_scalars_line_and_table_columns(tmp_path):
   assert 'test/order/recall/1' not in found and found['test/war'] == [(10, pytest.approx(0.6))]
   line = writers.epoch_summary_line(1, None, {'uar': 0.4, 'war': 0.6, 'order': head}, 5.0)
   assert line == 'epoch 1 | test UAR 40.00% WAR 60.00% order UAR 25.00% WAR 50.00% | 5.0 s'
+
+
+class _RunningStep:
+  """Stands for a dispatched step's output: it is ready 0.2 s after the bar asks."""
+
+  def block_until_ready(self):
+    time.sleep(0.2)
+    return self
+
+
+def test_progress_bar_counts_finished_steps_not_dispatch():
+  """The bar waits for the step it is given, so clips/s is compute, not how fast steps are queued (issue 18)."""
+  with writers.ProgressBar(4, batch_size=8, enabled=True, mininterval=0) as bar:
+    for _ in range(4):
+      bar.update(wait_for={'count': _RunningStep()})
+  assert bar.mean_step_seconds >= 0.2 and bar.clips_per_second <= 40
+  with writers.ProgressBar(4, batch_size=8, enabled=False) as quiet:
+    start = time.perf_counter()
+    quiet.update(wait_for=_RunningStep())  # no bar, no wait: runs without a bar keep dispatching ahead
+  assert time.perf_counter() - start < 0.2
