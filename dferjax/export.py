@@ -51,6 +51,10 @@ TRANSCRIPTIONS = {
     'est': Transcription('dferjax.reference.torch_est', 'EST',
                          outputs='(class logits, order logits or None); forward(video, permutation=None)'),
     'ceflnet': Transcription('dferjax.reference.torch_ceflnet', 'CEFLNet'),
+    'aen': Transcription('dferjax.reference.torch_aen', 'AEN',
+                         outputs='(logits, {global_logits, group_logits, local_logits, class_groups})'),
+    'aen_frame': Transcription('dferjax.reference.torch_aen', 'AENFrame',
+                               outputs='(mean frame logits, frame logits [batch, frames, classes])'),
 }
 
 

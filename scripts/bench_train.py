@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import ceflnet_dfew, est_dfew, nr_dfernet_dfew, stt_dfew
+from configs import aen_dfew, ceflnet_dfew, est_dfew, nr_dfernet_dfew, stt_dfew
 from dferjax import benchmarking, configlib, models, sharding, train
 from dferjax.data import sampling
 
@@ -172,6 +172,16 @@ def ceflnet_reference(config, variables: dict):
   return LogitsAndAttention()
 
 
+def aen_reference(config, variables: dict):
+  """AEN's PyTorch transcription holding `variables` (the frozen guide included, kept in eval mode and out of the
+  gradients): training returns the logits and the outputs the AEN losses read (the guide's frame logits among
+  them, as dferjax's step runs the guide), evaluation the logits and the three heads' logits."""
+  from dferjax.reference import torch_aen  # pylint: disable=import-outside-toplevel
+  model = torch_aen.AEN(config.num_classes, image_size=config.input.image_size, **torch_model_fields(config))
+  torch_aen.load_flax_variables(model, variables)
+  return model
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchModel:
   """What the benchmark needs of one model; a new model adds a row to BENCH_MODELS."""
@@ -217,6 +227,13 @@ BENCH_MODELS = {
                           tiny_input=dict(sampler={'name': 'snippets', 'frames_per_snippet': 2}, image_size=32),
                           torch_reference=ceflnet_reference,
                           jax_only_fields=('remat_backbone', 'slot_unroll', 'max_pool_impl')),
+    # tests/test_aen.py's tiny AEN on 32 px (low 1 x 8 x 8, middle 4 x 2 x 2), with the frozen guide and the paper
+    # loss as in the paper config.
+    'aen': BenchModel(aen_dfew, tiny_model=dict(num_frames=4, backbone_width=8, low_channels=1, middle_channels=4,
+                                                num_layers=1, num_heads=2, head_dim=8, mlp_dim=16, guide=True),
+                      tiny_input=dict(sampler=configlib.segment_sampler(num_segments=2, frames_per_segment=2),
+                                      image_size=32),
+                      torch_reference=aen_reference),
 }
 QUICK = dict(model='tiny', batch_sizes=['8', '16'], dtypes=['float32'], steps=12, warmup=2, window=3,
              max_batch=False)

@@ -114,6 +114,24 @@ def test_torch_order_loss_matches_dferjax():
                              losses.compact_softmax_cross_entropy(logits, batch['label']), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('spec', [{'name': 'aen', 'ga_weight': 0.25}, {'name': 'aen_prototype'}])
+def test_torch_aen_losses_match_dferjax(spec):
+  """The benchmark's torch AEN step trains on the config's AEN loss (paper or prototype), fields included."""
+  torch = pytest.importorskip('torch')
+  from dferjax.reference import torch_bench  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(2)
+  normal = lambda *shape: np.float32(rng.normal(size=shape))
+  aux = {'global_logits': normal(4, 7), 'group_logits': normal(4, 3), 'local_logits': normal(4, 7),
+         'class_groups': np.array([0, 2, 1, 2, 0, 2, 2], np.int32), 'guide_logits': normal(4, 5, 7),
+         'clip_features': {'low': normal(4, 6), 'middle': normal(4, 5), 'high': normal(4, 4)},
+         'frame_features': {'low': normal(4, 5, 6), 'middle': normal(4, 5, 5), 'high': normal(4, 5, 4)}}
+  batch = {'label': np.array([0, 2, 4, 6], np.int32)}
+  want, _ = losses.build_loss(spec)(None, aux, batch)
+  to_torch = lambda tree: jax.tree.map(lambda x: torch.from_numpy(np.array(x)), tree)
+  got = torch_bench.torch_batch_loss(spec)(None, to_torch(aux), {'label': torch.tensor(batch['label']).long()})
+  np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_host_batch_draws_the_rows_batch_fields():
   """EST's row adds a permutation index per clip, seeded and in range, to the batch and to the abstract inputs
   the FLOPs are lowered on; a model without batch_fields keeps video/label/mask, drawn as before."""
@@ -168,8 +186,8 @@ def test_model_name_picks_a_row_and_an_unknown_name_fails_clearly():
   assert set(bench_train.torch_model_fields(config)) == {
       'num_frames', 'embed_dim', 'num_layers', 'num_heads', 'mlp_ratio', 'drop_path_rate', 'backbone_stage',
       'backbone_width'}
-  with pytest.raises(ValueError,
-                     match=r"'vivit' is not a model; benchmarked models: \['ceflnet', 'est', 'nr_dfernet', 'stt'\]"):
+  with pytest.raises(ValueError, match=r"'vivit' is not a model; benchmarked models: "
+                                       r"\['aen', 'ceflnet', 'est', 'nr_dfernet', 'stt'\]"):
     bench_train.bench_config('vivit', 'tiny', 'float32')
   nr_dfernet = bench_train.bench_config('nr_dfernet', 'tiny', 'float32')
   assert train.video_shape(nr_dfernet, 2) == (2, 8, 32, 32, 3) and nr_dfernet.model.num_temporal_layers == 2

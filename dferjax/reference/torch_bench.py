@@ -9,6 +9,7 @@ dferjax: the config's optimizer with coupled weight decay (SGD(momentum, weight_
 + sgd, Adam(weight_decay) = add_decayed_weights + adam), the config's loss on float32 logits, bf16 as AMP
 autocast, float32 with TF32 allowed on GPU (XLA's default precision there).
 """
+import dataclasses
 import functools
 import time
 from typing import Any, Callable
@@ -63,6 +64,11 @@ def torch_batch_loss(spec) -> Callable[[Any, dict, dict], Any]:
   if isinstance(loss, losses.OrderLoss):
     return lambda logits, aux, batch: torch_order_loss(logits, aux['order_logits'], batch['label'],
                                                        batch['permutation'], loss.order_weight)
+  if isinstance(loss, (losses.AENLoss, losses.AENPrototypeLoss)):  # on AEN's training outputs (torch_aen.AEN)
+    from dferjax.reference import torch_aen  # pylint: disable=import-outside-toplevel
+    aen_loss = torch_aen.paper_loss if isinstance(loss, losses.AENLoss) else torch_aen.prototype_loss
+    fields = {field.name: getattr(loss, field.name) for field in dataclasses.fields(loss)}
+    return lambda logits, aux, batch: aen_loss(aux, batch['label'], **fields)[0]
   per_label = torch_loss(spec)
   return lambda logits, aux, batch: per_label(logits, batch['label'])
 
@@ -80,10 +86,17 @@ def torch_optimizer(spec, parameters, num_epochs: int):
   raise ValueError(f"config.optimizer.name={spec.name!r} has no torch transcription: expected 'sgd' or 'adam'")
 
 
+def _float(value):
+  """Floating tensors (also inside dicts, e.g. AEN's features per level) as float32; integer ones as they are."""
+  if isinstance(value, dict):
+    return {name: _float(item) for name, item in value.items()}
+  return value.float() if value.is_floating_point() else value
+
+
 def split_outputs(outputs) -> tuple[Any, dict]:
-  """A transcription's forward output -> (logits, {name: auxiliary logits}), every tensor float32."""
+  """A transcription's forward output -> (logits, {name: auxiliary outputs}), every floating tensor float32."""
   logits, aux = outputs if isinstance(outputs, tuple) else (outputs, {})
-  return logits.float(), {name: value.float() for name, value in (aux or {}).items()}
+  return logits.float(), _float(aux or {})
 
 
 def torch_fields(batch: dict, device) -> dict:
