@@ -9,7 +9,11 @@ the order-free motion set instead (no class is another's time-reverse; synthetic
 own folder, data/tfds/synthetic_order_free. Arguments: model ('stt': STT with a narrow backbone and two blocks
 on 8 frames of 48 px; 'nr_dfernet': a narrow NR-DFERNet, one spatial and two temporal
 encoders; 'est': a narrow EST on 7 snippets x 2 frames, without SSOP; 'ceflnet': a narrow CEFLNet on 7
-snippets x 2 frames), epochs.
+snippets x 2 frames; 'aen_frame' then 'aen': AEN's frame-level guide network on single frames, then a narrow AEN
+on 8 frames that starts from it), epochs (0: the model's default: 30; aen_frame 12, aen 20).
+
+    python -m dferjax.main --config configs/demo_synthetic.py:model=aen_frame --workdir runs/demo_aen_frame
+    python -m dferjax.main --config configs/demo_synthetic.py:model=aen --workdir runs/demo_aen
 
     python -m dferjax.main --config configs/demo_synthetic.py:model=nr_dfernet --workdir runs/demo_nr_dfernet
 """
@@ -36,6 +40,11 @@ DEMO_MODELS = {
     'ceflnet': dict(num_frames=14, num_snippets=7, frames_per_snippet=2, backbone_width=16, num_heads=4,
                     attention_dropout=0.1, relation_dropout=0.1, classifier_dropout=0.1, classifier_dims=(64, 32),
                     relation_form='code', backbone_batch_norm='joint'),
+    # AEN, two runs: the frame-level guide network on single frames (12 epochs), then AEN from it. 48 px: the
+    # squeezes give 1 x 12 x 12 and 16 x 3 x 3 = 144; one T-Former layer of 4 heads per level.
+    'aen_frame': dict(num_frames=1, backbone_width=16, middle_stage=3, middle_channels=16),
+    'aen': dict(num_frames=8, backbone_width=16, low_stage=1, middle_stage=3, low_channels=1, middle_channels=16,
+                num_layers=1, num_heads=4, head_dim=16, mlp_dim=128, guide=True),
 }
 # Models blind to time order read the order-free motion set (each set is built in its own folder).
 ORDER_BLIND = ('ceflnet',)
@@ -51,11 +60,18 @@ DEMO_RECIPES = {
                 transforms={}, learning_rate=3e-4),
     'ceflnet': dict(loss=dict(name='cross_entropy'), augment='none',
                     sampler=dict(name='snippets', frames_per_snippet=2), transforms={}, learning_rate=1e-3),
+    'aen_frame': dict(loss=dict(name='cross_entropy'), augment='stt',
+                      sampler=configlib.segment_sampler(num_segments=1, frames_per_segment=1), transforms={},
+                      learning_rate=1e-3, epochs=12),
+    # The prototype's losses: the paper's L_ta (an L1 norm summed over every feature) swamps the classification
+    # loss here and the features collapse (README, AEN).
+    'aen': dict(loss=dict(name='aen_prototype'), augment='aen', sampler=SEGMENTS, transforms={}, learning_rate=1e-3,
+                guide='runs/demo_aen_frame', epochs=20),
 }
 
 
 def get_config(arg=None):
-  args = configlib.parse_arg(arg, model='stt', epochs=30)
+  args = configlib.parse_arg(arg, model='stt', epochs=0)
   if args.model not in DEMO_MODELS:
     raise ValueError(f'configs/demo_synthetic.py: model={args.model!r} not in {sorted(DEMO_MODELS)}')
   config = configlib.base_config()
@@ -78,9 +94,10 @@ def get_config(arg=None):
   config.optimizer.learning_rate = recipe['learning_rate']
   config.optimizer.weight_decay = 0.0
   config.optimizer.schedule = 'cosine'
-  config.num_epochs = args.epochs
+  config.num_epochs = args.epochs or recipe.get('epochs', 30)
   config.batch_size = 16
   config.eval_batch_size = 32
   config.log_every_steps = 10
   config.init_from.backbone = 'none'  # no pretrained weights on the synthetic faces
+  config.init_from.guide = recipe.get('guide', 'none')  # AEN: the aen_frame demo's workdir
   return config.lock()

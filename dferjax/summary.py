@@ -52,17 +52,20 @@ def _size(tree) -> int:
   return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
 
 
-def count_parameters(variables) -> dict[str, Any]:
-  """Trainable parameters, total and per top-level module, and the BatchNorm statistics kept apart.
+def count_parameters(variables, frozen: tuple[str, ...] = ()) -> dict[str, Any]:
+  """Trainable parameters, total and per top-level module, and the BatchNorm statistics kept apart; the
+  top-level modules in `frozen` (a model's `frozen_params`, e.g. AEN's guide) are counted apart too.
 
   Works on arrays or ShapeDtypeStructs. Collections other than params and batch_stats are not expected in
   these models; if one appears it is counted under `other_variables` rather than silently dropped.
   """
   params = variables.get('params', {})
-  by_module = {name: _size(subtree) for name, subtree in params.items()}
+  by_module = {name: _size(subtree) for name, subtree in params.items() if name not in frozen}
   other = {name: _size(tree) for name, tree in variables.items() if name not in ('params', 'batch_stats')}
   counts = {'params': sum(by_module.values()), 'params_by_module': by_module,
             'batch_stats': _size(variables.get('batch_stats', {}))}
+  if frozen_sizes := {name: _size(params[name]) for name in frozen if name in params}:
+    counts['frozen_params'] = frozen_sizes
   if other:
     counts['other_variables'] = other
   return counts
@@ -148,7 +151,7 @@ def summarize(config, batch_size: int = 1) -> dict[str, Any]:
   variables = abstract_variables(model, input_shape)
   cost = forward_cost(model, input_shape, variables)
   return {'model_name': config.model_name, 'dtype': str(config.dtype), 'input_shape': list(input_shape[1:]),
-          'batch_size': batch_size, **count_parameters(variables),
+          'batch_size': batch_size, **count_parameters(variables, train.frozen_params(model)),
           'gmacs_per_clip': cost['gmacs_per_clip'], 'gmacs_per_clip_by_op': cost['gmacs_per_clip_by_op'],
           'gflops_per_clip': cost['gflops_per_clip'],
           'xla_half_gmacs_per_clip': cost['xla_half_gmacs_per_clip'], 'notes': notes}
@@ -161,6 +164,8 @@ def format_summary(summary: dict[str, Any]) -> str:
   lines = [f"{summary['model_name']}: one clip {clip} ({summary['dtype']} compute), eval-mode forward",
            f"{'parameters':<28}{summary['params']:>14,}  ({summary['params'] / 1e6:.2f} M)"]
   lines += [f'  {name:<26}{count:>14,}' for name, count in summary['params_by_module'].items()]
+  for name, count in summary.get('frozen_params', {}).items():
+    lines.append(f"{'frozen ' + name:<28}{count:>14,}  (not trained, not counted above)")
   lines.append(f"{'BatchNorm statistics':<28}{summary['batch_stats']:>14,}  (running mean/var, not parameters)")
   for name, count in summary.get('other_variables', {}).items():
     lines.append(f"{'collection ' + name:<28}{count:>14,}")

@@ -3,14 +3,25 @@
     python scripts/run_folds.py --config configs/stt_dfew.py --workdir runs/stt_dfew [--folds 1,2,3,4,5]
         [--collect_only] [-- --config.batch_size=64 ...]
     python scripts/run_folds.py --config configs/nr_dfernet_dfew.py:oversample --workdir runs/nr_dfernet_over
+    python scripts/run_folds.py --config configs/aen_dfew.py --workdir runs/aen_dfew \
+        -- --config.init_from.guide=runs/aen_frame_dfew_fold{fold}
 
 Fold k trains in `<workdir>_fold<k>` with `configs/...:fold=k` (after the config's other arguments); a fold whose run is complete is only collected
 (the trainer resumes, finds no step left to train and only evaluates the last checkpoint). Per fold the table shows the epoch
-with the best test metric, the protocol of every public DFER repository (refs.md §6.12), then the mean.
+with the best test metric, the protocol of every public DFER repository (refs.md §6.12), then the mean. `{fold}` in
+the extra flags becomes each fold's number.
 """
 import argparse
 import subprocess
 import sys
+
+
+def fold_command(config: str, fold: int, workdir: str, overrides: list[str]) -> list[str]:
+  """dferjax.main's command line for one fold; `{fold}` in an override becomes the fold number (AEN's guides:
+  --config.init_from.guide=runs/aen_frame_dfew_fold{fold})."""
+  config_arg = f'{config},fold={fold}' if ':' in config else f'{config}:fold={fold}'
+  return [sys.executable, '-m', 'dferjax.main', f'--config={config_arg}', f'--workdir={workdir}',
+          *(override.replace('{fold}', str(fold)) for override in overrides)]
 
 
 def main():
@@ -27,9 +38,7 @@ def main():
   workdirs = [f'{args.workdir}_fold{k}' for k in folds]
   if not args.collect_only:
     for fold, workdir in zip(folds, workdirs):
-      config_arg = f'{args.config},fold={fold}' if ':' in args.config else f'{args.config}:fold={fold}'
-      command = [sys.executable, '-m', 'dferjax.main', f'--config={config_arg}', f'--workdir={workdir}',
-                 *args.overrides]
+      command = fold_command(args.config, fold, workdir, args.overrides)
       print('+', ' '.join(command), flush=True)
       subprocess.run(command, check=True)
   from dferjax import reports  # pylint: disable=import-outside-toplevel

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from dferjax import checkpoint as checkpoint_lib
-from dferjax import configlib, losses, metrics, train
+from dferjax import configlib, losses, metrics, summary, train
 from dferjax.models import aen
 from dferjax.models.aen import AEN, AENFrame
 from test_contract import build_synthetic
-from train_helpers import random_batch
+from workdir_helpers import random_state, write_workdir
 
-TINY = dict(num_frames=4, backbone_width=8, low_channels=1, middle_channels=4, num_layers=1, num_heads=2, head_dim=8,
-            mlp_dim=16)
-TINY_FRAME = dict(num_frames=1, backbone_width=8, middle_channels=4)
+TINY = dict(num_frames=4, backbone_stage_sizes=(1, 1, 1, 1), backbone_width=8, low_channels=1, middle_channels=4,
+            num_layers=1, num_heads=2, head_dim=8, mlp_dim=16)
+TINY_FRAME = dict(num_frames=1, backbone_stage_sizes=(1, 1, 1, 1), backbone_width=8, middle_channels=4)
 
 
 def linear(cin, cout):
@@ -64,6 +64,8 @@ def test_paper_sized_parameters_by_hand(stage_sizes):
       'guide': resnet_params(stage_sizes, last_stage=3) + linear(256, 256) + linear(256, 16) + linear(784, 7),
   }
   assert {name: count(tree) for name, tree in params.items()} == want
+  counts = summary.count_parameters({'params': params}, train.frozen_params(model))
+  assert counts['params'] == sum(want.values()) - want['guide'] and counts['frozen_params'] == {'guide': want['guide']}
   frame = AENFrame(7, backbone_stage_sizes=stage_sizes)
   frame_params = jax.eval_shape(lambda: frame.init(jax.random.key(0), jnp.zeros((1, 1, 112, 112, 3)), train=False))
   assert jax.tree.map(lambda x: x.shape, frame_params['params']) == jax.tree.map(lambda x: x.shape, params['guide'])
@@ -73,7 +75,7 @@ def test_paper_sized_parameters_by_hand(stage_sizes):
 def tiny():
   model = AEN(7, **TINY)
   video = jax.random.uniform(jax.random.key(1), (3, 4, 48, 48, 3))
-  variables = model.init(jax.random.key(0), video, train=False)
+  variables = jax.jit(model.init, static_argnames='train')(jax.random.key(0), video, train=False)
   return model, variables, video
 
 
@@ -93,14 +95,15 @@ def sigmoid(x):
 
 def test_outputs_and_eq_3_prediction(tiny):
   model, variables, video = tiny
-  (logits, aux), _ = model.apply(variables, video, train=True, mutable=['batch_stats'])
+  apply = jax.jit(model.apply, static_argnames=('train', 'mutable'))
+  (logits, aux), _ = apply(variables, video, train=True, mutable=('batch_stats',))
   assert logits.shape == (3, 7) and aux['group_logits'].shape == (3, 3) and aux['guide_logits'].shape == (3, 4, 7)
   assert {level: x.shape for level, x in aux['frame_features'].items()} == {
       'low': (3, 4, 144), 'middle': (3, 4, 36), 'high': (3, 4, 64)}  # 1 x 12 x 12, 4 x 3 x 3 at 48 px
   want = np.log(0.7 * softmax(aux['local_logits']) + 0.3 * softmax(aux['global_logits']))
   np.testing.assert_allclose(logits, want, atol=1e-5)
   np.testing.assert_array_equal(aux['group_prediction'], np.asarray(aen.CLASS_GROUPS)[np.argmax(want, -1)])
-  eval_logits, eval_aux = model.apply(variables, video, train=False)
+  eval_logits, eval_aux = apply(variables, video, train=False)
   assert 'guide_logits' not in eval_aux  # evaluation does not run the guide
   prototype = model.clone(prediction_space='log_probability')
   proto_logits, proto_aux = prototype.apply(variables, video, train=False)
@@ -232,26 +235,6 @@ def tiny_aen_config(data_dir='', **overrides):
   return config
 
 
-def test_the_guide_is_frozen_and_outside_the_optimizer():
-  config = tiny_aen_config()
-  from dferjax import sharding  # pylint: disable=import-outside-toplevel
-  steps = train.make_steps(config, steps_per_epoch=2)
-  state = steps.init(jax.random.key(0))
-  before = jax.tree.map(np.asarray, {'params': state.params, 'batch_stats': state.batch_stats})
-  leaves_with_guide = [path for path, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
-                       if 'guide' in jax.tree_util.keystr(path)]
-  assert not leaves_with_guide  # no momentum kept for the guide
-  batch = sharding.to_global(random_batch(config, 4, np.random.default_rng(0)), steps.batch_sharding)
-  for _ in range(2):
-    state, accumulator = steps.train(state, steps.init_accumulator(), batch)
-  for collection in ('params', 'batch_stats'):
-    after = jax.tree.map(np.asarray, getattr(state, collection))
-    jax.tree.map(np.testing.assert_array_equal, after['guide'], before[collection]['guide'])  # weight decay too
-  assert not np.allclose(state.params['backbone']['conv1']['kernel'], before['params']['backbone']['conv1']['kernel'])
-  assert set(accumulator['sums']) >= {'multi_class', 'temporal_affectivity', 'global_affectivity'}
-  assert np.isfinite(float(accumulator['sums']['loss']))
-
-
 def test_configs_and_the_required_guide():
   config = configlib.load_config('configs/aen_dfew.py', 'fold=2')
   assert (config.model_name, config.dataset.name, config.init_from.guide) == ('aen', 'dfew/fold2', '')
@@ -286,34 +269,29 @@ def data_dir(tmp_path_factory):
   return build_synthetic(tmp_path_factory.mktemp('synthetic32_aen'), 'fold1_px32')
 
 
-def test_guide_pretraining_then_aen_from_it(tmp_path, data_dir):
-  """aen_frame trains on single frames; AEN starts its guide (whole) and backbone (through layer3) from it."""
+def test_aen_from_a_guide_run_keeps_the_guide_frozen(tmp_path, data_dir):
+  """AEN starts its guide (whole) and backbone (through layer3) from an aen_frame run; training (SGD, momentum,
+  weight decay) never changes the guide, which has no optimizer state; every loss term and the group head are
+  logged."""
   frame = configlib.load_config('configs/aen_frame_dfew.py')
   with frame.unlocked():
     frame.model.update(TINY_FRAME)
-    frame.dataset.name, frame.dataset.data_dir = 'dfew/fold1_px32', data_dir
-    frame.input.image_size, frame.input.num_threads = 32, 2
-    frame.optimizer.learning_rate = 0.01
-    frame.batch_size, frame.eval_batch_size, frame.steps_per_epoch, frame.num_epochs = 4, 8, 2, 1
-    frame.progress_bar = False
-    frame.init_from.backbone = 'none'
-  train.train_and_evaluate(frame, str(tmp_path / 'frame'))
-  source = checkpoint_lib.Checkpoints(str(tmp_path / 'frame'), read_only=True)
-  saved = source.restore_arrays(source.latest_step())
-  source.close()
+    frame.dataset.name, frame.input.image_size = 'dfew/fold1_px32', 32
+  saved = write_workdir(tmp_path / 'frame', frame, seed=2)  # an aen_frame run's checkpoint, random weights
 
   config = tiny_aen_config(data_dir, **{'init_from.guide': str(tmp_path / 'frame')})
   steps = train.make_steps(config, steps_per_epoch=2)
-  fresh = steps.init(jax.random.key(0))
+  assert not [path for path, _ in jax.tree_util.tree_flatten_with_path(steps.abstract_state.opt_state)[0]
+              if 'guide' in jax.tree_util.keystr(path)]  # no momentum kept for the guide
+  fresh = random_state(steps.abstract_state, seed=3)
   state = checkpoint_lib.initial_state(config, fresh, steps.model, steps.state_sharding)
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params['guide']), saved['params'])
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.batch_stats['guide']),
-               saved['batch_stats'])
-  np.testing.assert_array_equal(state.params['squeeze_middle']['conv_1']['kernel'],
-                                saved['params']['squeeze']['conv_1']['kernel'])
-  np.testing.assert_array_equal(state.params['backbone']['layer3_0']['conv1']['kernel'],
-                                saved['params']['backbone']['layer3_0']['conv1']['kernel'])
-  assert 'layer4_0' not in saved['params']['backbone']  # the frame network stops at layer3
+  assert_same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, a),
+                                          jax.tree.map(np.asarray, b))
+  assert_same(state.params['guide'], saved.params)
+  assert_same(state.batch_stats['guide'], saved.batch_stats)
+  assert_same(state.params['squeeze_middle'], saved.params['squeeze'])
+  assert_same(state.params['backbone']['layer3_0'], saved.params['backbone']['layer3_0'])
+  assert_same(state.params['backbone']['layer4_0'], fresh.params['backbone']['layer4_0'])  # not in the frame run
 
   result = train.train_and_evaluate(config, str(tmp_path / 'aen'))
   assert {'uar', 'war', 'groups'} <= set(result) and result['groups']['num_clips'] == result['num_clips']
@@ -321,7 +299,47 @@ def test_guide_pretraining_then_aen_from_it(tmp_path, data_dir):
   records = [json.loads(line) for line in open(os.path.join(tmp_path / 'aen', 'metrics.jsonl'))]
   train_record = next(r for r in records if r['split'] == 'train')
   assert {'multi_class', 'temporal_affectivity', 'global_affectivity'} <= set(train_record)
+  trained = checkpoint_lib.Checkpoints(str(tmp_path / 'aen'), read_only=True)
+  arrays = trained.restore_arrays(trained.latest_step())
+  trained.close()
+  assert_same(arrays['params']['guide'], saved.params)
+  assert_same(arrays['batch_stats']['guide'], saved.batch_stats)
+  assert not np.allclose(arrays['params']['backbone']['conv1']['kernel'], state.params['backbone']['conv1']['kernel'])
 
   wrong = tiny_aen_config(data_dir, **{'init_from.guide': str(tmp_path / 'aen')})
   with pytest.raises(ValueError, match="not the frame-level 'aen_frame'"):
     checkpoint_lib.initial_state(wrong, fresh, steps.model, steps.state_sharding)
+
+
+def test_run_folds_gives_each_fold_its_own_guide():
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.dirname(__file__), '..', 'scripts', 'run_folds.py')
+  spec = importlib.util.spec_from_file_location('run_folds', path)
+  run_folds = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(run_folds)
+  command = run_folds.fold_command('configs/aen_dfew.py:variant=prototype', 3, 'runs/aen_fold3',
+                                   ['--config.init_from.guide=runs/aen_frame_dfew_fold{fold}'])
+  assert command[3:] == ['--config=configs/aen_dfew.py:variant=prototype,fold=3', '--workdir=runs/aen_fold3',
+                         '--config.init_from.guide=runs/aen_frame_dfew_fold3']
+
+
+def test_demo_runs_the_guide_then_aen_from_it():
+  frame = configlib.load_config('configs/demo_synthetic.py', 'model=aen_frame')
+  video = configlib.load_config('configs/demo_synthetic.py', 'model=aen')
+  assert (frame.model_name, frame.num_epochs, video.model_name, video.num_epochs) == ('aen_frame', 12, 'aen', 20)
+  assert video.loss.name == 'aen_prototype'
+  assert video.init_from.guide == 'runs/demo_aen_frame' and frame.init_from.guide == 'none'
+  assert frame.dataset.synthetic.motions == video.dataset.synthetic.motions == 'time_reversed'
+  for config in (frame, video):
+    train.check_frames(train.build_model(config), config)
+
+
+def test_guide_pretraining_config_for_rafdb_image_lists():
+  config = configlib.load_config('configs/aen_frame_rafdb.py', 'root=/data/raf,labels=dfew')
+  assert (config.model_name, config.dataset.name, config.dataset.label_order) == ('aen_frame', 'image_list', 'dfew')
+  assert dict(config.dataset.image_lists) == {'train': '/data/raf/train.txt', 'test': '/data/raf/test.txt'}
+  assert (config.dataset.image_root, config.input.image_size) == ('/data/raf/Image/aligned', 112)
+  train.check_frames(train.build_model(config), config)
+  with pytest.raises(FileNotFoundError, match='/data/raf/train.txt'):
+    from dferjax.data import inputs  # pylint: disable=import-outside-toplevel
+    inputs.split_source(config, 'train')

@@ -157,7 +157,7 @@ def test_bad_inputs_and_fields():
   model = STT(num_classes=7, **TINY)
   with pytest.raises(ValueError, match=r'STT expects video \[batch, 4, height, width, 3\]'):
     _abstract(model, (2, 8, 48, 48, 3))
-  with pytest.raises(ValueError, match=r"model_name 'vivit' not in \['ceflnet', 'est', 'nr_dfernet', 'stt'\]"):
+  with pytest.raises(ValueError, match=r"model_name 'vivit' not in \['aen', 'aen_frame', 'ceflnet', 'est', 'nr_dfernet', 'stt'\]"):
     models.build('vivit', 7)
   with pytest.raises(ValueError, match=r"\['num_layer'\] are not STT fields; valid fields: \[.*'num_layers'"):
     models.build('stt', 7, num_layer=2)

@@ -55,7 +55,7 @@ def random_state(abstract_state, seed: int):
   rng = np.random.default_rng(seed)
 
   def draw(path, spec):
-    name = path[-1].key
+    name = getattr(path[-1], 'key', getattr(path[-1], 'name', ''))  # dict keys; a train state's fields
     if name == 'kernel':
       value = rng.normal(scale=1 / np.sqrt(np.prod(spec.shape[:-1])), size=spec.shape)
     elif name in ('scale', 'var'):
