@@ -438,6 +438,11 @@ def write_final_reports(workdir: str, config, last_eval: dict, best_step: int | 
   best = max(eval_records, key=lambda r: r[config.best_metric]) if eval_records else last_eval
   plots.plot_confusion_matrix(np.asarray(best['confusion']), config.class_names,
                               os.path.join(workdir, 'confusion_matrix.png'), title=confusion_title(config, best))
+  for head in head_names:  # e.g. AEN's 3 emotion groups (the paper's Fig. 4, bottom)
+    if isinstance(best.get(head), dict) and 'confusion' in best[head]:
+      plots.plot_confusion_matrix(np.asarray(best[head]['confusion']), list(best[head]['per_class']),
+                                  os.path.join(workdir, f'confusion_matrix_{head}.png'),
+                                  title=f'{head}: {confusion_title(config, best)}')
   plots.plot_learning_curves(records, os.path.join(workdir, 'learning_curves.png'))
   keys = ('uar', 'war', 'per_class', *head_names)
   summary = {'last': {k: last_eval[k] for k in keys},

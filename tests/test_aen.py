@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dferjax import checkpoint as checkpoint_lib
-from dferjax import configlib, losses, metrics, summary, train
+from dferjax import configlib, losses, metrics, reports, summary, train
 from dferjax.models import aen
 from dferjax.models.aen import AEN, AENFrame
 from test_contract import build_synthetic
@@ -299,6 +299,10 @@ def test_aen_from_a_guide_run_keeps_the_guide_frozen(tmp_path, data_dir):
   records = [json.loads(line) for line in open(os.path.join(tmp_path / 'aen', 'metrics.jsonl'))]
   train_record = next(r for r in records if r['split'] == 'train')
   assert {'multi_class', 'temporal_affectivity', 'global_affectivity'} <= set(train_record)
+  assert os.path.exists(tmp_path / 'aen' / 'confusion_matrix_groups.png')  # Fig. 4's coarse matrix
+  table = reports.format_results_table(reports.collect_fold_results([tmp_path / 'aen'], fold_names=['fold1']),
+                                       aen.CLASS_NAMES)
+  assert 'groups UAR' in table.splitlines()[0] and 'groups WAR' in table.splitlines()[0]  # Tab. 3's 3-class columns
   trained = checkpoint_lib.Checkpoints(str(tmp_path / 'aen'), read_only=True)
   arrays = trained.restore_arrays(trained.latest_step())
   trained.close()
