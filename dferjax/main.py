@@ -20,8 +20,14 @@ from dferjax import cli
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py[:args]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and reports.')
-_DISTRIBUTED = flags.DEFINE_bool('distributed', False,
-                                 'Call jax.distributed.initialize() first (multi-host GPU clusters, TPU pods).')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Join a multi-process run first (jax.distributed.initialize): the coordinator from the '
+    'three flags below, else DFERJAX_COORDINATOR_ADDRESS, DFERJAX_NUM_PROCESSES, DFERJAX_PROCESS_ID, else the '
+    'detected cluster (SLURM, Open MPI, Kubernetes, Cloud TPU). See docs/multihost.md.')
+_COORDINATOR_ADDRESS = flags.DEFINE_string('coordinator_address', None,
+                                           'With --distributed: host:port of process 0, the same on every process.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --distributed: how many processes the run has.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --distributed: this process, 0 .. num_processes - 1.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Show the libraries' INFO logs (Orbax logs every save step) and the "
                              'tracebacks of expected errors.')
 _PRINT_CONFIG = flags.DEFINE_bool('print_config', False, 'Print the config (every field, after overrides) and exit.')
@@ -68,9 +74,14 @@ def main(argv):
     raise app.UsageError('--workdir is required (or --print_config to print the config)')
   if not _VERBOSE.value:
     logging.set_verbosity(logging.WARNING)
-  import jax  # pylint: disable=import-outside-toplevel
+  if not _DISTRIBUTED.value and (explicit := [f'--{flag.name}' for flag in (_COORDINATOR_ADDRESS, _NUM_PROCESSES,
+                                                                            _PROCESS_ID) if flag.value is not None]):
+    raise app.UsageError(f'{", ".join(explicit)} given without --distributed')
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    from dferjax import distributed  # pylint: disable=import-outside-toplevel
+    cli.run(lambda: distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value),
+            verbose=_VERBOSE.value)
+  import jax  # pylint: disable=import-outside-toplevel
   if _COMPILATION_CACHE.value:
     jax.config.update('jax_compilation_cache_dir', _COMPILATION_CACHE.value)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)

@@ -1,0 +1,60 @@
+"""--distributed (issue 16): the coordinator, process count and id from flags or DFERJAX_* variables, cluster
+detection when none is given, one-line errors for an incomplete or bad set."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dferjax import distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO, 'tests', 'tiny_config.py')
+FULL_ENV = {'DFERJAX_COORDINATOR_ADDRESS': 'host0:1234', 'DFERJAX_NUM_PROCESSES': '2', 'DFERJAX_PROCESS_ID': '1'}
+
+
+def test_flags_then_environment_then_cluster_detection():
+  assert distributed.resolve('h:1', 2, 0, environ=FULL_ENV) == dict(coordinator_address='h:1', num_processes=2,
+                                                                     process_id=0)
+  assert distributed.resolve(environ=FULL_ENV) == dict(coordinator_address='host0:1234', num_processes=2,
+                                                       process_id=1)
+  assert distributed.resolve(environ={'JAX_COORDINATOR_ADDRESS': 'h:1'}) == {}  # JAX reads it itself
+
+
+@pytest.mark.parametrize('given, environ, wanted', [
+    (dict(coordinator_address='h:1'), {}, '--coordinator_address given without --num_processes, --process_id'),
+    (dict(num_processes=2, process_id=0), {}, '--num_processes, --process_id given without --coordinator_address'),
+    ({}, {'DFERJAX_NUM_PROCESSES': '2'}, 'DFERJAX_NUM_PROCESSES given without DFERJAX_COORDINATOR_ADDRESS, '
+                                         'DFERJAX_PROCESS_ID'),
+    (dict(coordinator_address='h', num_processes=2, process_id=0), {}, "--coordinator_address='h': expected host:port"),
+    (dict(coordinator_address='h:1', num_processes=2, process_id=2), {}, '--process_id=2 must be in [0, 2)'),
+    ({}, {**FULL_ENV, 'DFERJAX_NUM_PROCESSES': 'two'}, "DFERJAX_NUM_PROCESSES='two': expected an integer"),
+])
+def test_an_incomplete_or_bad_set_names_what_is_wrong(given, environ, wanted):
+  with pytest.raises(ValueError) as error:
+    distributed.resolve(**given, environ=environ)
+  assert wanted in str(error.value)
+
+
+CLUSTER_PREFIXES = ('SLURM_', 'OMPI_', 'PMI_', 'JAX_COORDINATOR', 'DFERJAX_', 'TPU_', 'MEGASCALE_', 'KUBERNETES_',
+                    'JOB_COMPLETION_INDEX')
+
+
+def _main(*args):
+  """dferjax.main outside any cluster (no scheduler's variables), on the CPU."""
+  env = {name: value for name, value in os.environ.items() if not name.startswith(CLUSTER_PREFIXES)}
+  env['JAX_PLATFORMS'] = 'cpu'
+  return subprocess.run([sys.executable, '-m', 'dferjax.main', f'--config={TINY_CONFIG}', '--workdir=/tmp/unused',
+                         '--compilation_cache=', *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=120, check=False)
+
+
+def test_main_fails_in_one_line_on_an_incomplete_set_or_no_cluster():
+  for args, wanted in ((('--distributed', '--num_processes=2'), 'given without --coordinator_address'),
+                       (('--distributed',), '--distributed found no cluster to join')):
+    result = _main(*args)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and wanted in errors[0], result.stderr
+  result = _main('--process_id=0')
+  assert result.returncode == 1 and '--process_id given without --distributed' in result.stderr, result.stderr
