@@ -22,11 +22,11 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as preserva
 _ITEMS = ('state', 'data', 'config')
 
 
-def _manager(directory: str, *, keep: int = 2, best_metric: str | None = 'war',
+def _manager(directory: str, *, keep: int = 2, best_metric: str | None = 'war', also_best: str | None = None,
              read_only: bool = False) -> ocp.CheckpointManager:
   policies = [preservation.LatestN(n=keep)]
-  if best_metric:
-    policies.append(preservation.BestN(get_metric_fn=lambda metrics: metrics[best_metric], n=1,
+  for metric in filter(None, (best_metric, also_best)):  # also_best: the hold-out's checkpoint (data/validation.py)
+    policies.append(preservation.BestN(get_metric_fn=lambda metrics, metric=metric: metrics[metric], n=1,
                                        keep_checkpoints_without_metrics=False))
   options = ocp.CheckpointManagerOptions(
       preservation_policy=preservation.AnyPreservationPolicy(policies),
@@ -42,11 +42,13 @@ def _manager(directory: str, *, keep: int = 2, best_metric: str | None = 'war',
 class Checkpoints:
   """The checkpoints of one workdir: `workdir/checkpoints/<step>/{state,data,config}`."""
 
-  def __init__(self, workdir: str, *, keep: int = 2, best_metric: str | None = 'war', read_only: bool = False):
+  def __init__(self, workdir: str, *, keep: int = 2, best_metric: str | None = 'war', also_best: str | None = None,
+               read_only: bool = False):
     self.directory = os.path.join(workdir, 'checkpoints')
     if read_only and not os.path.isdir(self.directory):
       raise FileNotFoundError(f'no checkpoints in {workdir!r}: expected the directory {self.directory}')
-    self.manager = _manager(self.directory, keep=keep, best_metric=best_metric, read_only=read_only)
+    self.manager = _manager(self.directory, keep=keep, best_metric=best_metric, also_best=also_best,
+                            read_only=read_only)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -160,6 +162,10 @@ RESUMABLE_FIELDS = ('num_epochs', 'log_every_steps', 'eval_every_epochs', 'check
                     'input.prefetch')
 
 
+# Fields added after runs were saved, at the value that behaves as those runs did: such a run still resumes.
+ADDED_FIELDS = {'validation.fraction': 0.0, 'validation.seed': 0}
+
+
 def flatten_config(config_json: dict, prefix: str = '') -> dict[str, Any]:
   """{'optimizer.learning_rate': 0.01, ...}: every leaf of a JSON config under its dotted name."""
   flat = {}
@@ -174,7 +180,7 @@ def flatten_config(config_json: dict, prefix: str = '') -> dict[str, Any]:
 def check_resumable(config_json: dict, saved_config: dict, directory: str):
   """Refuses to resume a workdir whose checkpoint was written with another config (another fold, model, recipe),
   except for the RESUMABLE_FIELDS; the error names every differing field."""
-  saved, current = flatten_config(saved_config), flatten_config(config_json)
+  saved, current = {**ADDED_FIELDS, **flatten_config(saved_config)}, flatten_config(config_json)
   missing = object()
   differing = [name for name in sorted({*saved, *current}) if name not in RESUMABLE_FIELDS
                and saved.get(name, missing) != current.get(name, missing)]

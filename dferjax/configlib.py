@@ -88,6 +88,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.steps_per_epoch = -1  # -1: len(train split) // batch_size, as drop_last=True in the PyTorch loaders
   config.dtype = 'float32'  # compute dtype: 'bfloat16' on GPU/TPU; parameters stay float32
 
+  # The honest protocol (dferjax/data/validation.py): hold out a stratified `fraction` of the training split,
+  # chosen by clip id with `seed`, and select a checkpoint on it. 0: off, the papers' protocol on all training
+  # clips (the paper configs keep it off so their numbers stay comparable); 0.1 is the suggested fraction.
+  config.validation = ml_collections.ConfigDict()
+  config.validation.fraction = 0.0
+  config.validation.seed = 0
+
   config.log_every_steps = 50
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 0  # 0: once per epoch; >0 also every that many steps

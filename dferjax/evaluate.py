@@ -2,8 +2,12 @@
 per-clip outputs (`clip_outputs`: CEFLNet's salient snippet) gets them written to
 <workdir>/clips_<split>_step<N>.jsonl (dferjax/clip_report.py).
 
-    python -m dferjax.evaluate --workdir runs/stt_dfew_fold1 [--step best|latest|N]
+    python -m dferjax.evaluate --workdir runs/stt_dfew_fold1 [--step best|selected|latest|N]
     python -m dferjax.evaluate --folds runs/stt_dfew_fold1,runs/stt_dfew_fold2,... [--select_by war]
+
+The fold tables show both protocols: the best test epoch (the papers') and, for runs with a validation hold-out
+(config.validation), the test evaluation of the checkpoint selected on it. Re-evaluating warns
+(environment.DatasetChangedWarning) when the dataset read now is not the build the run trained on.
 
 Expected errors print one `error: ...` message and exit 1 (--verbose: the traceback).
 """
@@ -19,7 +23,8 @@ import ml_collections
 from dferjax import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A dferjax workdir to re-evaluate.')
-_STEP = flags.DEFINE_string('step', 'best', "'best', 'latest' or a step number.")
+_STEP = flags.DEFINE_string('step', 'best', "'best' (on test), 'selected' (on the validation hold-out), 'latest' "
+                             'or a step number.')
 _SPLIT = flags.DEFINE_string('split', None, 'Split to evaluate (default: the config eval_split).')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Override config.dataset.data_dir.')
 _FOLDS = flags.DEFINE_list('folds', None, 'Workdirs of the 5 DFEW folds, to collect into one table (each run\'s fold is '
@@ -43,18 +48,26 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
   from dferjax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from dferjax import clip_report, train  # pylint: disable=import-outside-toplevel
   from dferjax.data import inputs  # pylint: disable=import-outside-toplevel
+  from dferjax import environment, reports, writers  # pylint: disable=import-outside-toplevel
   config = load_run_config(workdir)
   if data_dir:
     config.dataset.data_dir = data_dir
+  environment.warn_if_dataset_changed(workdir, config)
   checkpoints = checkpoint_lib.Checkpoints(workdir, read_only=True)
   if step == 'best':
     chosen = checkpoints.best_step() or checkpoints.latest_step()
+  elif step == 'selected':
+    record = reports.select_record(writers.read_records(workdir), 'selected', config.best_metric,
+                                   config.dataset.eval_split)
+    if record is None:
+      raise ValueError(f'--step selected: {workdir} holds out no validation part (config.validation.fraction=0)')
+    chosen = record['step']
   elif step == 'latest':
     chosen = checkpoints.latest_step()
   else:
     if not step.isdigit():
-      raise ValueError(f"--step {step!r}: expected 'best', 'latest' or a step number ({workdir} holds steps "
-                       f'{checkpoints.all_steps()})')
+      raise ValueError(f"--step {step!r}: expected 'best', 'selected', 'latest' or a step number ({workdir} holds "
+                       f'steps {checkpoints.all_steps()})')
     chosen = int(step)
     if chosen not in checkpoints.all_steps():
       raise ValueError(f'--step {chosen}: {workdir} holds steps {checkpoints.all_steps()}')
@@ -91,10 +104,8 @@ def run_command():
       print(f'per-clip outputs: {result["clip_report"]}\n{result["clip_summary"]}')
   else:
     names = reports.fold_names_from_configs(_FOLDS.value)  # from each run's config, not its position
-    results = reports.collect_fold_results(_FOLDS.value, metric='last' if _LAST.value else 'best',
-                                           select_by=_SELECT_BY.value, fold_names=names)
-    results = dict(sorted(results.items(), key=lambda item: int(item[0][len('fold'):])))
-    print(reports.format_results_table(results, CLASS_NAMES))
+    print(reports.fold_report(_FOLDS.value, CLASS_NAMES, select_by=_SELECT_BY.value, last=_LAST.value,
+                              fold_names=names))
 
 
 if __name__ == '__main__':

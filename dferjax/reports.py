@@ -70,13 +70,14 @@ def fold_std(results: Mapping[str, Mapping], class_names: Sequence[str] | None =
 
 
 def format_results_table(rows: Mapping[str, Mapping], class_names: Sequence[str], *, with_mean: bool = True,
-                         digits: int = 2) -> str:
+                         digits: int = 2, extra_columns: Mapping[str, Sequence[str]] | None = None) -> str:
   """A Markdown table in the papers' layout: per-class accuracy (= recall), UAR, WAR in %, one row per fold.
 
   `rows`: row name (fold1..fold5) -> {'uar', 'war', 'per_class'} as fractions. With `with_mean`, 'mean' and
   'std' rows over the given rows follow. Columns keep `class_names`' order (canonical: happy, sad, neutral,
   angry, surprise, disgust, fear, as in the papers' tables). A model's metric heads that every row has (nested
-  {'uar', 'war'} results) add '<head> UAR' and '<head> WAR' columns.
+  {'uar', 'war'} results) add '<head> UAR' and '<head> WAR' columns. `extra_columns` (title -> one text per
+  row, e.g. the seeds) come last, blank in the mean and std rows.
   """
   columns = _per_fold_columns(rows, class_names)
   heads = head_names(rows)
@@ -90,6 +91,10 @@ def format_results_table(rows: Mapping[str, Mapping], class_names: Sequence[str]
   header = ['', *class_names, 'UAR', 'WAR', *(f'{head} {key.upper()}' for head in heads for key in ('uar', 'war'))]
   cells = [[row[0], *('-' if math.isnan(value) else f'{100 * value:.{digits}f}' for value in row[1:])]
            for row in table]
+  for title, texts in (extra_columns or {}).items():
+    header.append(title)
+    for i, line in enumerate(cells):
+      line.append(str(texts[i]) if i < len(rows) else '')
   widths = [max(len(str(line[column])) for line in [header, *cells]) for column in range(len(header))]
   format_line = lambda line: '| ' + ' | '.join(
       str(cell).ljust(width) if column == 0 else str(cell).rjust(width)
@@ -129,6 +134,46 @@ def fold_names_from_configs(workdirs: Sequence[str | os.PathLike], folds: Sequen
   return [f'fold{fold}' for fold in found.values()]
 
 
+HELDOUT_SPLIT = 'heldout'  # dferjax.data.validation.SPLIT (no tfds import here)
+PROTOCOLS = {'papers': "best epoch on test (papers' protocol)", 'validation': 'selected on validation'}
+
+
+def select_record(records: Sequence[Mapping], metric: str, select_by: str, split: str) -> Mapping | None:
+  """One eval record of `split` from a run's records, or None if there is none to choose.
+
+  metric='best': the highest `select_by` on `split` itself, the earliest on ties (the papers' protocol).
+  metric='last': the final evaluation of `split`. metric='selected': the `split` evaluation of the checkpoint
+  with the highest `select_by` on the validation hold-out, the latest on ties (the honest protocol: test decides
+  nothing).
+  """
+  evals = [r for r in records if r.get('split') == split and r.get(select_by) is not None]
+  if metric == 'best':
+    return max(evals, key=lambda record: record[select_by]) if evals else None
+  if metric == 'last':
+    return evals[-1] if evals else None
+  heldout = [r for r in records if r.get('split') == HELDOUT_SPLIT and r.get(select_by) is not None]
+  if not heldout:
+    return None
+  chosen = max(reversed(heldout), key=lambda record: record[select_by])  # the latest on ties, as Orbax's BestN keeps
+  at_step = [r for r in evals if r['step'] == chosen['step']]
+  if not at_step:
+    raise ValueError(f"no '{split}' evaluation at step {chosen['step']}, the checkpoint selected on the hold-out")
+  return {**at_step[-1], 'selected_on': {key: chosen[key] for key in ('uar', 'war')}}
+
+
+def _run_config(workdir) -> dict:
+  path = pathlib.Path(workdir) / 'config.json'
+  return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_seeds(workdir) -> dict:
+  """{'seed', 'validation_fraction', 'validation_seed'} of a run, from its config.json (the fold table's columns)."""
+  config = _run_config(workdir)
+  held = config.get('validation') or {}
+  return {'seed': config.get('seed'), 'validation_fraction': held.get('fraction', 0.0),
+          'validation_seed': held.get('seed')}
+
+
 def collect_fold_results(workdirs: Sequence[str | os.PathLike], metric: str = 'best', select_by: str = 'war', *,
                          split: str = 'test', fold_names: Sequence[str] | None = None) -> dict[str, dict]:
   """Reads each fold's `metrics.jsonl` and picks one eval record per fold.
@@ -137,15 +182,16 @@ def collect_fold_results(workdirs: Sequence[str | os.PathLike], metric: str = 'b
   earliest on ties. That is selection on the test fold: DFEW's folds have no validation split, the public
   DFER code we read keeps the best test epoch and the papers say nothing else (refs.md §6, item 12), so
   this is what reproduces "paper numbers"; it is optimistic. metric='last' takes the final evaluation,
-  the number without selection on test.
+  the number without selection on test. metric='selected' takes the `split` evaluation of the epoch best on
+  the run's validation hold-out (config.validation; dferjax/data/validation.py), the honest protocol.
 
   Returns fold name (`fold_names`, default fold1..foldN in `workdirs` order) -> {'uar', 'war',
-  'per_class' (None -> nan), 'confusion' int64 [C, C], 'num_clips', 'epoch', 'step', 'workdir', and each metric
-  head's nested result under its name}.
+  'per_class' (None -> nan), 'confusion' int64 [C, C], 'num_clips', 'epoch', 'step', 'workdir', the run's
+  seeds (`run_seeds`), and each metric head's nested result under its name}.
   Raises FileNotFoundError listing every workdir without results.
   """
-  if metric not in ('best', 'last'):
-    raise ValueError(f"metric must be 'best' or 'last', got {metric!r}")
+  if metric not in ('best', 'last', 'selected'):
+    raise ValueError(f"metric must be 'best', 'last' or 'selected', got {metric!r}")
   if select_by not in ('war', 'uar'):
     raise ValueError(f"select_by must be 'war' or 'uar', got {select_by!r}")
   fold_names = list(fold_names) if fold_names is not None else [f'fold{i + 1}' for i in range(len(workdirs))]
@@ -157,18 +203,69 @@ def collect_fold_results(workdirs: Sequence[str | os.PathLike], metric: str = 'b
     if not path.is_file():
       problems.append(f'{fold_name} ({workdir}): no {writers.METRICS_FILENAME}')
       continue
-    evals = [record for record in writers.read_records(path, split) if record.get(select_by) is not None]
-    if not evals:
-      problems.append(f"{fold_name} ({workdir}): {path.name} has no '{split}' eval records")
+    chosen = select_record(writers.read_records(path), metric, select_by, split)
+    if chosen is None:
+      problems.append(f"{fold_name} ({workdir}): {path.name} has no '{split}' eval records" if metric != 'selected'
+                      else f'{fold_name} ({workdir}): no validation hold-out records (config.validation.fraction=0)')
       continue
-    chosen = max(evals, key=lambda record: record[select_by]) if metric == 'best' else evals[-1]
     results[fold_name] = {
         'uar': chosen['uar'], 'war': chosen['war'],
         'per_class': {name: math.nan if recall is None else recall for name, recall in chosen['per_class'].items()},
         'confusion': np.asarray(chosen['confusion'], np.int64), 'num_clips': chosen['num_clips'],
-        'epoch': chosen['epoch'], 'step': chosen['step'], 'workdir': str(workdir),
+        'epoch': chosen['epoch'], 'step': chosen['step'], 'workdir': str(workdir), **run_seeds(workdir),
         **{head: chosen[head] for head in head_names({fold_name: chosen})},
     }
   if problems:
     raise FileNotFoundError('fold workdirs without results:\n  ' + '\n  '.join(problems))
   return results
+
+
+def _summary(record: Mapping) -> dict:
+  keys = [key for key in ('uar', 'war', 'per_class', 'epoch', 'step', 'selected_on') if key in record]
+  return {**{key: record[key] for key in keys}, **{k: v for k, v in record.items() if writers.is_head_result(v)}}
+
+
+def protocols(workdir, best_metric: str = 'war', split: str = 'test') -> dict:
+  """Both protocols of one run: 'papers' (the best `split` epoch) and 'validation' (the `split` evaluation of the
+  checkpoint best on the hold-out; None without one)."""
+  records = writers.read_records(pathlib.Path(workdir) / writers.METRICS_FILENAME)
+  best, selected = (select_record(records, metric, best_metric, split) for metric in ('best', 'selected'))
+  return {'select_by': best_metric, 'papers': _summary(best) if best else None,
+          'validation': _summary(selected) if selected else None}
+
+
+def add_protocols(workdir, best_metric: str = 'war', split: str = 'test') -> dict:
+  """Adds `protocols` and the run's seeds to `workdir/results.json` (written by the trainer's final reports)."""
+  path = pathlib.Path(workdir) / 'results.json'
+  results = json.loads(path.read_text()) if path.is_file() else {}
+  results.update(protocols=protocols(workdir, best_metric, split), seeds=run_seeds(workdir))
+  path.write_text(json.dumps(results, indent=2))
+  return results
+
+
+def fold_report(workdirs: Sequence[str | os.PathLike], class_names: Sequence[str], *, select_by: str = 'war',
+                last: bool = False, fold_names: Sequence[str] | None = None) -> str:
+  """Both protocols' fold tables, one under the other, each with the runs' seeds: the papers' (best test epoch,
+  or the last epoch with `last`) and, when the runs hold out a validation part, the honest one."""
+  order = lambda results: dict(sorted(results.items(), key=lambda item: int(re.sub(r'\D', '', item[0]) or 0)))
+
+  def table(results, with_holdout):
+    seeds = {'seed': [row['seed'] for row in results.values()]}
+    if with_holdout:
+      seeds['hold-out'] = [f"{100 * row['validation_fraction']:g} %, seed {row['validation_seed']}"
+                           for row in results.values()]
+    return format_results_table(results, class_names, extra_columns=seeds)
+
+  first = order(collect_fold_results(workdirs, 'last' if last else 'best', select_by, fold_names=fold_names))
+  title = 'last epoch (no selection)' if last else f"{PROTOCOLS['papers']}, by {select_by.upper()}"
+  lines = [f'{title}:', table(first, with_holdout=False), '']
+  held = [str(w) for w in workdirs if run_seeds(w)['validation_fraction']]
+  if len(held) == len(workdirs):
+    second = order(collect_fold_results(workdirs, 'selected', select_by, fold_names=fold_names))
+    lines += [f"{PROTOCOLS['validation']}, by hold-out {select_by.upper()} (test evaluated on that checkpoint):",
+              table(second, with_holdout=True)]
+  else:
+    lines.append(f"{PROTOCOLS['validation']}: not available, "
+                 + ('no run holds out' if not held else f'only {", ".join(held)} hold out')
+                 + ' a validation part (--config.validation.fraction=0.1 turns it on)')
+  return '\n'.join(lines)

@@ -20,8 +20,8 @@ import optax
 from flax.training import train_state
 
 from dferjax import checkpoint as checkpoint_lib
-from dferjax import losses, metrics, models, sharding, writers
-from dferjax.data import inputs, sampling
+from dferjax import environment, losses, metrics, models, reports, sharding, writers
+from dferjax.data import inputs, sampling, validation
 
 
 class TrainState(train_state.TrainState):
@@ -297,7 +297,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final eval metrics."""
   os.makedirs(workdir, exist_ok=True)
   is_chief = jax.process_index() == 0
-  checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric)
+  checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric,
+                                           also_best=validation.checkpoint_metric(config))
   start_step = checkpoints.latest_step()
   config_json = checkpoint_lib.config_to_json(config)
   if start_step is None:
@@ -308,6 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
   local_batch_size = sharding.check_batch_size(config.batch_size)
   train_source, eval_source = inputs.data_sources(config)
+  train_source, heldout_source = validation.split(config, train_source, workdir, write=is_chief)
   steps_per_epoch = config.steps_per_epoch if config.steps_per_epoch > 0 else len(train_source) // config.batch_size
   if steps_per_epoch < 1:
     raise ValueError(f'the train split has {len(train_source)} clips, fewer than config.batch_size={config.batch_size}')
@@ -328,6 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.truncate_after(start_step)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(config_json, f, indent=2)
+  if is_chief:
+    environment.append(workdir, config, start_step)
 
   accumulator = steps.init_accumulator()
   epoch_totals = EpochTotals()
@@ -358,20 +362,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         progress.set_postfix(loss=train_metrics['loss'])
       if end_of_epoch:
         epoch = step // steps_per_epoch
-        eval_metrics = None
+        eval_metrics = heldout_metrics = None
         if epoch % config.eval_every_epochs == 0 or step == total_steps:
           eval_metrics = evaluate(steps, state, config, eval_source)
           last_eval = eval_metrics
           writer.write(step=step, epoch=epoch, split=config.dataset.eval_split, values=eval_metrics)
+          if heldout_source is not None:  # the honest protocol's selection data
+            heldout_metrics = evaluate(steps, state, config, heldout_source)
+            writer.write(step=step, epoch=epoch, split=validation.SPLIT, values=heldout_metrics)
         seconds = time.time() - epoch_start_time
         progress.close()
         if is_chief:
           print(writers.epoch_summary_line(epoch, {**epoch_totals.means(), 'learning_rate': train_metrics['learning_rate']},
-                                           eval_metrics, seconds, eval_split=config.dataset.eval_split,
+                                           validation.with_heldout(eval_metrics, heldout_metrics), seconds,
+                                           eval_split=config.dataset.eval_split,
                                            clips_per_second=(step - epoch_start_step) * config.batch_size / seconds),
                 flush=True)
         checkpoints.save(step, state, train_iter, config_json,
-                         metrics={k: eval_metrics[k] for k in ('uar', 'war')} if eval_metrics else None)
+                         metrics=validation.checkpoint_metrics(eval_metrics, heldout_metrics))
         epoch_start_time, epoch_start_step = time.time(), step
         epoch_totals = EpochTotals()
         if step < total_steps:
@@ -387,6 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoints.close()
   if is_chief:
     write_final_reports(workdir, config, last_eval, best_step, list(steps.heads))
+    reports.add_protocols(workdir, config.best_metric, config.dataset.eval_split)
   writer.close()
   return last_eval
 

@@ -8,7 +8,8 @@
 
 Fold k trains in `<workdir>_fold<k>` with `configs/...:fold=k` (after the config's other arguments); a fold whose run is complete is only collected
 (the trainer resumes, finds no step left to train and only evaluates the last checkpoint). Per fold the table shows the epoch
-with the best test metric, the protocol of every public DFER repository (refs.md §6.12), then the mean. `{fold}` in
+with the best test metric, the protocol of every public DFER repository (refs.md §6.12), then the mean; runs with a
+validation hold-out (config.validation) add the table of the checkpoints selected on it. `{fold}` in
 the extra flags becomes each fold's number.
 """
 import argparse
@@ -43,8 +44,7 @@ def main():
       subprocess.run(command, check=True)
   from dferjax import reports  # pylint: disable=import-outside-toplevel
   from tfds_builders.labels import CLASS_NAMES  # pylint: disable=import-outside-toplevel
-  results = reports.collect_fold_results(workdirs, metric='best', select_by=args.select_by)
-  print(reports.format_results_table(results, CLASS_NAMES))
+  print(reports.fold_report(workdirs, CLASS_NAMES, select_by=args.select_by))
 
 
 if __name__ == '__main__':
