@@ -62,7 +62,7 @@ def test_evaluate_bad_step_and_duplicated_folds_are_one_message(tmp_path):
              f'fold 1 is given twice: {tmp_path / "a"}, {tmp_path / "b"}')
   (tmp_path / 'a' / 'checkpoints').mkdir()
   _one_error(_run('-m', 'dferjax.evaluate', f'--workdir={tmp_path / "a"}', '--step=foo'),
-             "--step 'foo': expected 'best', 'latest' or a step number")
+             "--step 'foo': expected 'best', 'selected', 'latest' or a step number")
 
 
 def test_full_disk_and_unwritable_paths_read_plainly(tmp_path):
