@@ -4,11 +4,17 @@ One `CheckpointManager` per workdir keeps the train state, the grain iterator st
 the exact batch) and the config; it keeps the latest `keep` checkpoints plus the best one by an eval metric.
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed mid-save
 leaves the previous checkpoints readable and the half-written one ignored.
+
+A checkpoint damaged after it was written (a file truncated or removed) is found by its file list
+(`<workdir>/checkpoint_files/<step>.json`, every file's size, written once the save is complete): a training run
+sets it aside as `checkpoints/<step>.damaged` with a warning naming the step, and resumes from the newest intact
+one (the best one, too, becomes the best intact checkpoint).
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import flax
@@ -45,10 +51,47 @@ class Checkpoints:
   def __init__(self, workdir: str, *, keep: int = 2, best_metric: str | None = 'war', also_best: str | None = None,
                read_only: bool = False):
     self.directory = os.path.join(workdir, 'checkpoints')
+    self.files_directory = os.path.join(workdir, 'checkpoint_files')
     if read_only and not os.path.isdir(self.directory):
       raise FileNotFoundError(f'no checkpoints in {workdir!r}: expected the directory {self.directory}')
-    self.manager = _manager(self.directory, keep=keep, best_metric=best_metric, also_best=also_best,
-                            read_only=read_only)
+    if not read_only:
+      self._set_aside_damaged()
+    self._read_only = read_only
+    self.manager = _manager(self.directory, keep=keep, best_metric=best_metric, read_only=read_only)
+
+  def _set_aside_damaged(self):
+    """Process 0 renames every checkpoint whose files differ from its file list to `<step>.damaged` (warning
+    naming it), before any process opens the manager, so resume and `best_step` see only intact ones."""
+    if jax.process_index() == 0 and os.path.isdir(self.directory):
+      steps = sorted((int(name) for name in os.listdir(self.directory) if name.isdigit()), reverse=True)
+      damaged = {step: why for step in steps if (why := checkpoint_damage(self.directory, self.files_directory, step))}
+      intact = [step for step in steps if step not in damaged]
+      for step, why in damaged.items():
+        target = os.path.join(self.directory, f'{step}.damaged')
+        while os.path.exists(target):
+          target += '_'
+        os.rename(os.path.join(self.directory, str(step)), target)
+        sys.stderr.write(f'warning: checkpoint {self.directory}/{step} is damaged ({why}): set aside as {target}; '
+                         f'{f"resuming from step {intact[0]}" if intact else "no intact checkpoint is left"}\n')
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices('damaged checkpoints set aside')
+
+  def _record_files(self):
+    """Writes the file list of every complete checkpoint that has none (process 0; after the save finished)."""
+    if self._read_only or jax.process_index() != 0:
+      return
+    os.makedirs(self.files_directory, exist_ok=True)
+    steps = {str(step) for step in self.manager.all_steps()}
+    for name in os.listdir(self.files_directory):
+      if name.removesuffix('.json') not in steps:  # deleted by the keep policy
+        os.remove(os.path.join(self.files_directory, name))
+    for step in steps:
+      path = os.path.join(self.files_directory, f'{step}.json')
+      if not os.path.exists(path):
+        with open(path + '.tmp', 'w') as f:
+          json.dump(checkpoint_files(os.path.join(self.directory, step)), f)
+        os.replace(path + '.tmp', path)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -61,6 +104,8 @@ class Checkpoints:
 
   def save(self, step: int, state, data_iterator, config_dict: dict, metrics: dict[str, float] | None = None):
     """Starts an asynchronous save; the next save or `wait()` completes it."""
+    self.manager.wait_until_finished()  # the previous save, complete: its file list
+    self._record_files()
     args = {'state': ocp.args.StandardSave(state), 'config': ocp.args.JsonSave(config_dict)}
     if data_iterator is not None:
       args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -69,6 +114,7 @@ class Checkpoints:
 
   def wait(self):
     self.manager.wait_until_finished()
+    self._record_files()
 
   def check_for_errors(self):
     """Raises the error of a finished asynchronous save (a full disk), so a run stops at once, not a save later."""
@@ -98,6 +144,33 @@ class Checkpoints:
     metadata = self.manager.item_metadata(step)['state']
     metadata = getattr(metadata, 'tree', metadata)
     return {path: tuple(leaf.shape) for path, leaf in _flatten(metadata).items() if hasattr(leaf, 'shape')}
+
+
+def checkpoint_files(step_directory: str) -> dict[str, int]:
+  """{relative path: size in bytes} of every file of one checkpoint."""
+  files = {}
+  for root, _, names in os.walk(step_directory):
+    for name in names:
+      path = os.path.join(root, name)
+      files[os.path.relpath(path, step_directory)] = os.path.getsize(path)
+  return files
+
+
+def checkpoint_damage(directory: str, files_directory: str, step: int) -> str | None:
+  """What is wrong with checkpoint `step` against its file list ('state/x is missing', 'state/x has 10 of 99
+  bytes'), or None when it matches or has no list yet (a run stopped before the save was recorded)."""
+  listing = os.path.join(files_directory, f'{step}.json')
+  if not os.path.exists(listing):
+    return None
+  with open(listing) as f:
+    expected = json.load(f)
+  found = checkpoint_files(os.path.join(directory, str(step)))
+  for path, size in sorted(expected.items()):
+    if path not in found:
+      return f'{path} is missing'
+    if found[path] != size:
+      return f'{path} has {found[path]} of {size} bytes'
+  return None
 
 
 def _flatten(tree) -> dict[str, Any]:
