@@ -57,7 +57,8 @@ class Checkpoints:
     if not read_only:
       self._set_aside_damaged()
     self._read_only = read_only
-    self.manager = _manager(self.directory, keep=keep, best_metric=best_metric, read_only=read_only)
+    self.manager = _manager(self.directory, keep=keep, best_metric=best_metric, also_best=also_best,
+                            read_only=read_only)
 
   def _set_aside_damaged(self):
     """Process 0 renames every checkpoint whose files differ from its file list to `<step>.damaged` (warning
