@@ -117,7 +117,7 @@ def test_collect_fold_results_ties_and_missing(tmp_path):
   message = str(error.value)
   assert 'fold2' in message and 'missing' in message and 'no metrics.jsonl' in message
   assert 'fold3' in message and "no 'test' eval records" in message and 'fold1' not in message
-  with pytest.raises(ValueError, match="'best' or 'last'"):
+  with pytest.raises(ValueError, match="'best', 'last' or 'selected'"):
     reports.collect_fold_results(workdirs, metric='mean')
   with pytest.raises(ValueError, match="'war' or 'uar'"):
     reports.collect_fold_results(workdirs, select_by='loss')
