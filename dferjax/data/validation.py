@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 
-import numpy as np
 
 from dferjax.data import datasets
 
