@@ -13,6 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 ATTENTION_IMPLS = ('xla', 'cudnn')
+# 'tokens_heads': one qkv Dense, reshaped to [batch, tokens, heads, head_dim] for jax.nn.dot_product_attention;
+# 'heads_first': the same parameters applied as einsums that yield [batch, heads, tokens, head_dim] directly and
+# merge heads inside the output projection, so no separate head split/merge transposes (issue 17).
+ATTENTION_LAYOUTS = ('tokens_heads', 'heads_first')
 
 # PyTorch's nn.Linear default (kaiming_uniform with a=sqrt(5)) = U(+-1/sqrt(fan_in)) for weight and bias.
 torch_linear_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
@@ -71,6 +75,8 @@ class MultiHeadSelfAttention(nn.Module):
   head_dim: Optional[int] = None  # None: dim // num_heads; else inner width num_heads * head_dim (Former-DFER)
   attention_dropout: float = 0.0  # on the attention weights, as torch's nn.MultiheadAttention(dropout=...)
   attention_impl: str = 'xla'  # 'cudnn': flash attention on GPU (bf16/fp16 only)
+  attention_layout: str = 'tokens_heads'  # or 'heads_first' (ATTENTION_LAYOUTS), same parameters
+  attention_pad_multiple: int = 1  # pad tokens to a multiple (49 -> 50/56/64 at 2/8/32), masked by sequence lengths
   kernel_init: Optional[Any] = None  # None: torch.nn.Linear's default for qkv and proj
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -79,32 +85,104 @@ class MultiHeadSelfAttention(nn.Module):
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f'attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}')
+    if self.attention_layout not in ATTENTION_LAYOUTS:
+      raise ValueError(f'attention_layout {self.attention_layout!r} not in {ATTENTION_LAYOUTS}')
+    if self.attention_pad_multiple < 1:
+      raise ValueError(f'attention_pad_multiple={self.attention_pad_multiple} must be >= 1')
+    if self.attention_layout == 'heads_first' and (self.attention_impl != 'xla' or self.attention_pad_multiple != 1):
+      raise ValueError("attention_layout='heads_first' computes its own softmax: it needs attention_impl='xla' and "
+                       'attention_pad_multiple=1')
     *batch_shape, num_tokens, dim = x.shape
     if self.head_dim is None and dim % self.num_heads:
       raise ValueError(f'dim {dim} is not divisible by num_heads {self.num_heads}')
     head_dim = self.head_dim or dim // self.num_heads
     inner_dim = self.num_heads * head_dim
+    dropout = self.attention_dropout and not deterministic
+    if self.attention_layout == 'heads_first':
+      qkv = HeadsFirstQKV(self.num_heads, head_dim, self.qkv_bias, self.kernel_init, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name='qkv')(x)  # [3, *batch, heads, tokens, head_dim]
+      query, key, value = qkv[0], qkv[1], qkv[2]
+      logits = jnp.einsum('...hqd,...hkd->...hqk', query, key, preferred_element_type=jnp.float32)
+      weights = jax.nn.softmax(logits * jnp.float32(1 / math.sqrt(head_dim)), axis=-1)
+      if dropout:
+        weights = nn.Dropout(self.attention_dropout)(weights, deterministic=False)
+      out = jnp.einsum('...hqk,...hkd->...hqd', weights.astype(value.dtype), value)
+      return HeadsMergeProj(dim, self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype, name='proj')(out)
+    num_padded = -(-num_tokens // self.attention_pad_multiple) * self.attention_pad_multiple
+    if num_padded != num_tokens:  # padding rows: masked as keys, zeroed as queries, sliced off below
+      x = jnp.pad(x, [(0, 0)] * len(batch_shape) + [(0, num_padded - num_tokens), (0, 0)])
     qkv = torch_dense(3 * inner_dim, dim, self.kernel_init, use_bias=self.qkv_bias, dtype=self.dtype,
                       param_dtype=self.param_dtype, name='qkv')(x)
     # jax.nn.dot_product_attention wants exactly [batch, tokens, heads, head_dim].
-    qkv = qkv.reshape(-1, num_tokens, 3, self.num_heads, head_dim)
+    qkv = qkv.reshape(-1, num_padded, 3, self.num_heads, head_dim)
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if self.attention_dropout and not deterministic:  # dropped weights: the explicit softmax path
+    if dropout:  # dropped weights: the explicit softmax path
+      if num_padded != num_tokens:
+        raise ValueError('attention_pad_multiple > 1 has no attention-dropout path')
       logits = jnp.einsum('bqhd,bkhd->bhqk', query, key) / math.sqrt(head_dim)
       weights = nn.Dropout(self.attention_dropout)(jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
                                                    deterministic=False).astype(value.dtype)
       out = jnp.einsum('bhqk,bkhd->bqhd', weights, value).reshape(*batch_shape, num_tokens, inner_dim)
       return torch_dense(dim, inner_dim, self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
                          name='proj')(out)
+    lengths = {}
+    if num_padded != num_tokens:  # a padding mask without bias, which cuDNN accepts at any length (issue 17)
+      lengths = jnp.full(query.shape[:1], num_tokens, jnp.int32)
+      lengths = dict(query_seq_lengths=lengths, key_value_seq_lengths=lengths)
     try:
-      out = jax.nn.dot_product_attention(query, key, value, implementation=self.attention_impl)
+      out = jax.nn.dot_product_attention(query, key, value, implementation=self.attention_impl, **lengths)
     except NotImplementedError as error:  # cuDNN refuses some shapes, e.g. STT's odd 49/17-token training
       raise ValueError(
-          f"attention_impl='{self.attention_impl}' cannot run {num_tokens} tokens with head_dim {head_dim} "
-          f"({error}); set config.model.attention_impl='xla'") from error
-    out = out.reshape(*batch_shape, num_tokens, inner_dim)
-    return torch_dense(dim, inner_dim, self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
-                       name='proj')(out)
+          f"attention_impl='{self.attention_impl}' cannot run {num_padded} tokens with head_dim {head_dim} "
+          f"({error}); set config.model.attention_impl='xla', or attention_pad_multiple to pad them") from error
+    out = out.reshape(*batch_shape, num_padded, inner_dim)
+    out = torch_dense(dim, inner_dim, self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name='proj')(out)
+    return out[..., :num_tokens, :] if num_padded != num_tokens else out
+
+
+class HeadsFirstQKV(nn.Module):
+  """The qkv Dense (kernel [dim, 3 * heads * head_dim], bias [3 * heads * head_dim], outputs ordered
+  (q|k|v, head, head_dim)) as one einsum to [3, *batch, heads, tokens, head_dim]."""
+  num_heads: int
+  head_dim: int
+  use_bias: bool = True
+  kernel_init: Optional[Any] = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:  # x: [*batch, tokens, dim]
+    dim, inner_dim = x.shape[-1], self.num_heads * self.head_dim
+    kernel = self.param('kernel', self.kernel_init or torch_linear_kernel_init, (dim, 3 * inner_dim),
+                        self.param_dtype)
+    kernel = jnp.asarray(kernel, self.dtype).reshape(dim, 3, self.num_heads, self.head_dim)
+    out = jnp.einsum('...tc,cshd->s...htd', jnp.asarray(x, self.dtype), kernel)
+    if self.use_bias:
+      bias = self.param('bias', torch_linear_bias_init(dim), (3 * inner_dim,), self.param_dtype)
+      bias = jnp.asarray(bias, self.dtype).reshape((3,) + (1,) * (x.ndim - 2) + (self.num_heads, 1, self.head_dim))
+      out = out + bias
+    return out
+
+
+class HeadsMergeProj(nn.Module):
+  """The output projection Dense (kernel [heads * head_dim, dim], bias [dim]) applied to
+  [*batch, heads, tokens, head_dim], merging the heads inside the contraction -> [*batch, tokens, dim]."""
+  features: int
+  kernel_init: Optional[Any] = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    num_heads, head_dim = x.shape[-3], x.shape[-1]
+    inner_dim = num_heads * head_dim
+    kernel = self.param('kernel', self.kernel_init or torch_linear_kernel_init, (inner_dim, self.features),
+                        self.param_dtype)
+    kernel = jnp.asarray(kernel, self.dtype).reshape(num_heads, head_dim, self.features)
+    out = jnp.einsum('...htd,hdf->...tf', jnp.asarray(x, self.dtype), kernel)
+    bias = self.param('bias', torch_linear_bias_init(inner_dim), (self.features,), self.param_dtype)
+    return out + jnp.asarray(bias, self.dtype)
 
 
 class Mlp(nn.Module):

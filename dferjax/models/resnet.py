@@ -10,11 +10,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dferjax.models import fused
+
 # torchvision ResNet init: kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-MAX_POOL_IMPLS = ('reduce_window', 'slices')
+# 'argmax' (stem only): ReLU and pool as fused.relu_max_pool, whose gradient reuses the forward's argmax.
+MAX_POOL_IMPLS = ('reduce_window', 'slices', 'argmax')
 
 
 def max_pool_3x3_stride_2(x: jax.Array, impl: str = 'reduce_window') -> jax.Array:
@@ -26,6 +29,8 @@ def max_pool_3x3_stride_2(x: jax.Array, impl: str = 'reduce_window') -> jax.Arra
   """
   if impl == 'reduce_window':
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  if impl == 'argmax':
+    raise ValueError("max_pool_impl='argmax' includes the ReLU: call fused.relu_max_pool")
   if impl != 'slices':
     raise ValueError(f'max_pool_impl {impl!r} not in {MAX_POOL_IMPLS}')
   n, height, width, channels = x.shape
@@ -36,9 +41,12 @@ def max_pool_3x3_stride_2(x: jax.Array, impl: str = 'reduce_window') -> jax.Arra
   return reduce(jnp.maximum, views)
 
 
-def _batch_norm(train: bool, dtype, param_dtype, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9,  # torch's momentum=0.1
-                      epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name=name)
+def _batch_norm(train: bool, dtype, param_dtype, name: str, norm_impl: str = 'flax') -> nn.Module:
+  if norm_impl not in fused.NORM_IMPLS:
+    raise ValueError(f'norm_impl {norm_impl!r} not in {fused.NORM_IMPLS}')
+  cls = fused.FusedBatchNorm if norm_impl == 'fused' else nn.BatchNorm
+  return cls(use_running_average=not train, momentum=0.9,  # torch's momentum=0.1
+             epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -47,12 +55,13 @@ class BasicBlock(nn.Module):
   strides: int = 1
   dtype: Any = jnp.float32  # compute; 'bfloat16' on GPU/TPU
   param_dtype: Any = jnp.float32  # float32 params for the optimizer
+  norm_impl: str = 'flax'  # or 'fused' (fused.FusedBatchNorm: same statistics, hand-written gradient)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:  # x: [n, height, width, channels]
     conv = partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype,
                    param_dtype=self.param_dtype)
-    norm = partial(_batch_norm, train, self.dtype, self.param_dtype)
+    norm = partial(_batch_norm, train, self.dtype, self.param_dtype, norm_impl=self.norm_impl)
     y = conv(self.features, (3, 3), self.strides, padding=((1, 1), (1, 1)), name='conv1')(x)
     y = nn.relu(norm('bn1')(y))
     y = conv(self.features, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(y)
@@ -76,7 +85,9 @@ class ResNet(nn.Module):
   stem: str = 'conv7'
   last_stage: int = 4
   pool: bool = False  # global average pool -> [n, channels] (CEFLNet/EST's 512-d frame feature)
-  max_pool_impl: str = 'reduce_window'  # or 'slices' (max_pool_3x3_stride_2)
+  max_pool_impl: str = 'reduce_window'  # or 'slices' (max_pool_3x3_stride_2), 'argmax' (fused.relu_max_pool)
+  stem_conv_impl: str = 'conv'  # conv7 stem: or 'space_to_depth' (fused.space_to_depth_conv7), same kernel
+  norm_impl: str = 'flax'  # every BatchNorm: or 'fused' (fused.FusedBatchNorm)
   return_stages: bool = False  # every stage's output, [stage 1, ..., last_stage] (AEN's semantic levels)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -91,21 +102,31 @@ class ResNet(nn.Module):
       raise ValueError(f'expected images [n, height, width, 3], got shape {images.shape}')
     conv = partial(nn.Conv, self.width, use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype,
                    param_dtype=self.param_dtype)
-    if self.stem == 'conv7':
+    if self.max_pool_impl not in MAX_POOL_IMPLS:
+      raise ValueError(f'max_pool_impl {self.max_pool_impl!r} not in {MAX_POOL_IMPLS}')
+    if self.stem != 'conv7' and self.stem_conv_impl != 'conv':
+      raise ValueError(f"stem_conv_impl={self.stem_conv_impl!r} needs stem='conv7', not {self.stem!r}")
+    if self.stem == 'conv7' and self.stem_conv_impl == 'conv':
       x = conv((7, 7), 2, padding=((3, 3), (3, 3)), name='conv1')(images)
+    elif self.stem == 'conv7':
+      x = fused.StemConv7(self.width, self.stem_conv_impl, kernel_init=conv_kernel_init, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name='conv1')(images)
     elif self.stem == 'conv3x2':  # names follow torch's conv1 = Sequential(conv, bn, relu, conv)
       x = conv((3, 3), 2, padding=((1, 1), (1, 1)), name='conv1_0')(images)
-      x = nn.relu(_batch_norm(train, self.dtype, self.param_dtype, 'conv1_1')(x))
+      x = nn.relu(_batch_norm(train, self.dtype, self.param_dtype, 'conv1_1', self.norm_impl)(x))
       x = conv((3, 3), 1, padding=((1, 1), (1, 1)), name='conv1_3')(x)
     else:
       raise ValueError(f"stem={self.stem!r} not in ('conv7', 'conv3x2')")
-    x = nn.relu(_batch_norm(train, self.dtype, self.param_dtype, 'bn1')(x))
-    x = max_pool_3x3_stride_2(x, self.max_pool_impl)
+    x = _batch_norm(train, self.dtype, self.param_dtype, 'bn1', self.norm_impl)(x)
+    if self.max_pool_impl == 'argmax':
+      x = fused.relu_max_pool(x)
+    else:
+      x = max_pool_3x3_stride_2(nn.relu(x), self.max_pool_impl)
     stages = []
     for stage, num_blocks in enumerate(self.stage_sizes[:self.last_stage]):
       for block in range(num_blocks):
         x = BasicBlock(self.width * 2**stage, strides=2 if stage > 0 and block == 0 else 1,
-                       dtype=self.dtype, param_dtype=self.param_dtype,
+                       dtype=self.dtype, param_dtype=self.param_dtype, norm_impl=self.norm_impl,
                        name=f'layer{stage + 1}_{block}')(x, train=train)
       stages.append(x)
     if self.pool:

@@ -15,8 +15,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dferjax.models import layers
+from dferjax.models import fused, layers
 from dferjax.models.resnet import ResNet
+
+
+def layer_norm(norm_impl: str, **kwargs) -> nn.Module:
+  """nn.LayerNorm, or fused.FusedLayerNorm (same parameters and numbers, hand-written gradient)."""
+  if norm_impl not in fused.NORM_IMPLS:
+    raise ValueError(f'norm_impl {norm_impl!r} not in {fused.NORM_IMPLS}')
+  return (fused.FusedLayerNorm if norm_impl == 'fused' else nn.LayerNorm)(**kwargs)
 
 
 class STTBlock(nn.Module):
@@ -27,17 +34,21 @@ class STTBlock(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: str = 'xla'  # 'cudnn': flash attention on GPU, needs dtype bfloat16
+  attention_layout: str = 'tokens_heads'  # or 'heads_first' (layers.ATTENTION_LAYOUTS)
+  attention_pad_multiple: int = 1  # pad the 49/17 tokens to a multiple, masked (cuDNN wants even lengths)
+  norm_impl: str = 'flax'  # or 'fused' (fused.FusedLayerNorm)
 
   @nn.compact
   def __call__(self, cls_token: jax.Array, tokens: jax.Array, *, train: bool):
     """cls_token: [batch, dim], tokens: [batch, frames, positions, dim] -> the same two, updated."""
     batch, num_frames, num_positions, dim = tokens.shape
     assert cls_token.shape == (batch, dim), (cls_token.shape, tokens.shape)
-    norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                                     name=name)  # torch's default eps inside blocks
+    norm = lambda name: layer_norm(self.norm_impl, epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                                   name=name)  # torch's default eps inside blocks
     attention = lambda name: layers.MultiHeadSelfAttention(
-        self.num_heads, qkv_bias=True, attention_impl=self.attention_impl, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
+        self.num_heads, qkv_bias=True, attention_impl=self.attention_impl, attention_layout=self.attention_layout,
+        attention_pad_multiple=self.attention_pad_multiple, dtype=self.dtype, param_dtype=self.param_dtype,
+        name=name)
     drop_path = lambda batch_ndim: layers.DropPath(self.drop_path_rate, batch_ndim=batch_ndim)
 
     # Spatial attention among the positions of each frame (Eq. 3-8); one drop-path draw per (sample, frame).
@@ -75,7 +86,12 @@ class STT(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: str = 'xla'  # 'cudnn': flash attention on GPU, needs dtype bfloat16
-  max_pool_impl: str = 'reduce_window'  # the backbone stem's max-pool: or 'slices' (resnet.max_pool_3x3_stride_2)
+  max_pool_impl: str = 'reduce_window'  # the backbone stem's max-pool: or 'slices', 'argmax' (resnet.MAX_POOL_IMPLS)
+  # Issue 17's options, exact re-expressions of the default (tests/test_fused.py), none measured faster yet:
+  attention_layout: str = 'tokens_heads'  # or 'heads_first': head split/merge inside the projections
+  attention_pad_multiple: int = 1  # pad the 49/17 tokens to a multiple (2: 50/18, 8: 56/24, 32: 64/32), masked
+  stem_conv_impl: str = 'conv'  # or 'space_to_depth': the 7x7/2 stem conv as a 4x4/1 conv on 2x2 blocks
+  norm_impl: str = 'flax'  # or 'fused': every BatchNorm/LayerNorm with a hand-written backward pass
 
   rng_streams: ClassVar[tuple[str, ...]] = ('drop_path',)  # the RNGs a training forward pass draws from
   classifier_names: ClassVar[tuple[str, ...]] = ('head',)  # top-level parameters init_from.reset_classifier drops
@@ -94,7 +110,7 @@ class STT(nn.Module):
     dtype = jnp.dtype(self.dtype)
     batch = video.shape[0]
     backbone = ResNet(width=self.backbone_width, last_stage=self.backbone_stage, max_pool_impl=self.max_pool_impl,
-                      dtype=dtype, param_dtype=self.param_dtype, name='backbone')
+                      stem_conv_impl=self.stem_conv_impl, norm_impl=self.norm_impl, dtype=dtype, param_dtype=self.param_dtype, name='backbone')
     feature_map = backbone(layers.merge_frames(video), train=train)  # [batch * frames, h, w, channels]
     # "Flatten and project by a 1x1 convolution" (Sec. 3.2): [batch * frames, h, w, c] -> [.., h * w, d];
     # kaiming fan_in init and zero bias as mx-mark's PatchEmbed.
@@ -117,9 +133,11 @@ class STT(nn.Module):
     for index, rate in enumerate(layers.drop_path_rates(self.drop_path_rate, self.num_layers)):
       cls_token, tokens = STTBlock(self.num_heads, self.mlp_ratio, rate, dtype=dtype,
                                    param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+                                   attention_layout=self.attention_layout,
+                                   attention_pad_multiple=self.attention_pad_multiple, norm_impl=self.norm_impl,
                                    name=f'block_{index}')(cls_token, tokens, train=train)
-    cls_token = nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=self.param_dtype,
-                             name='norm')(cls_token)
+    cls_token = layer_norm(self.norm_impl, epsilon=1e-6, dtype=dtype, param_dtype=self.param_dtype,
+                           name='norm')(cls_token)
     logits = layers.torch_dense(self.num_classes, self.embed_dim, dtype=dtype,
                                 param_dtype=self.param_dtype, name='head')(cls_token)  # Eq. (13)
     return logits.astype(jnp.float32), {'features': cls_token}
