@@ -127,7 +127,7 @@ def test_registered_losses_return_their_terms_summing_to_the_total(batch):
 
 
 def test_build_loss_names_unknown_losses_and_fields():
-  with pytest.raises(ValueError, match=r"config.loss.name='focal' not in \['compact', 'cross_entropy'"):
+  with pytest.raises(ValueError, match=r"config.loss.name='focal' not in \['aen', 'aen_prototype', 'compact', 'cross_entropy'"):
     losses.build_loss({'name': 'focal'})
   with pytest.raises(ValueError, match=r"\['beta'\] are not fields of the 'cross_entropy' loss"):
     losses.build_loss({'name': 'cross_entropy', 'beta': 0.2})
