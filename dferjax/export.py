@@ -26,7 +26,8 @@ from typing import Any
 from dferjax import cli
 
 # Fields of a flax model that set how it computes, not what it computes: they have no torch argument.
-COMPUTE_FIELDS = ('dtype', 'param_dtype', 'attention_impl', 'max_pool_impl', 'remat_backbone', 'slot_unroll')
+COMPUTE_FIELDS = ('dtype', 'param_dtype', 'attention_impl', 'max_pool_impl', 'remat_backbone', 'slot_unroll',
+                  'attention_layout', 'attention_pad_multiple', 'stem_conv_impl', 'norm_impl')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,8 +65,18 @@ def define_flags():
                     'eager on CPU too (tiny STT +15-20%, paper STT +17%, 2 cores).')
   flags.DEFINE_enum('attention_impl', IMPL_DEFAULTS['attention_impl'], ['xla', 'cudnn'],
                     "STT attention ('cudnn': flash attention, GPU bf16); a model without the field takes the default.")
-  flags.DEFINE_enum('max_pool_impl', IMPL_DEFAULTS['max_pool_impl'], ['reduce_window', 'slices'],
-                    "dferjax's stem max-pool (dferjax.models.resnet.max_pool_3x3_stride_2), where the model has one.")
+  flags.DEFINE_enum('max_pool_impl', IMPL_DEFAULTS['max_pool_impl'], ['reduce_window', 'slices', 'argmax'],
+                    "dferjax's stem max-pool (dferjax.models.resnet.MAX_POOL_IMPLS; 'argmax': ReLU + pool with an "
+                    'argmax-reusing gradient), where the model has one.')
+  flags.DEFINE_enum('attention_layout', IMPL_DEFAULTS['attention_layout'], ['tokens_heads', 'heads_first'],
+                    "STT attention layout ('heads_first': heads split/merged inside the projection einsums).")
+  flags.DEFINE_integer('attention_pad_multiple', IMPL_DEFAULTS['attention_pad_multiple'],
+                       'STT: pad attention sequences to a multiple of this, masked by sequence lengths (2: 50/18, '
+                       '8: 56/24, 32: 64/32 tokens); with --attention_impl=cudnn, the lengths cuDNN trains.')
+  flags.DEFINE_enum('stem_conv_impl', IMPL_DEFAULTS['stem_conv_impl'], ['conv', 'space_to_depth'],
+                    "dferjax's 7x7/2 stem conv ('space_to_depth': a 4x4/1 conv on 2x2 pixel blocks, same kernel).")
+  flags.DEFINE_enum('norm_impl', IMPL_DEFAULTS['norm_impl'], ['flax', 'fused'],
+                    "dferjax's BatchNorm/LayerNorm ('fused': dferjax.models.fused, hand-written backward pass).")
   flags.DEFINE_bool('max_batch', True,
                     'On an accelerator, search the largest dferjax train batch that fits, per dtype.')
   flags.DEFINE_integer('max_batch_limit', 4096, 'Largest batch the search tries.')
@@ -201,7 +211,9 @@ BENCH_MODELS = {
                                                 backbone_width=8),
                       tiny_input=dict(sampler=configlib.segment_sampler(num_segments=2, frames_per_segment=2),
                                       image_size=32),
-                      torch_reference=stt_reference, jax_only_fields=('attention_impl', 'max_pool_impl')),
+                      torch_reference=stt_reference,
+                      jax_only_fields=('attention_impl', 'max_pool_impl', 'attention_layout', 'attention_pad_multiple',
+                                       'stem_conv_impl', 'norm_impl')),
     # configs/demo_synthetic.py:model=nr_dfernet's sizes on 32 px (1 x 1 maps after DSF).
     'nr_dfernet': BenchModel(nr_dfernet_dfew, tiny_model=dict(num_frames=8, stem_width=16, num_spatial_layers=1,
                                                               num_temporal_layers=2, num_heads=4, head_dim=16,
@@ -238,7 +250,8 @@ BENCH_MODELS = {
 QUICK = dict(model='tiny', batch_sizes=['8', '16'], dtypes=['float32'], steps=12, warmup=2, window=3,
              max_batch=False)
 # Implementation switches some models have (flags), and their defaults, which any model accepts.
-IMPL_DEFAULTS = {'attention_impl': 'xla', 'max_pool_impl': 'reduce_window'}
+IMPL_DEFAULTS = {'attention_impl': 'xla', 'max_pool_impl': 'reduce_window', 'attention_layout': 'tokens_heads',
+                 'attention_pad_multiple': 1, 'stem_conv_impl': 'conv', 'norm_impl': 'flax'}
 TORCH_MODES = ('eager', 'compile')
 # Only shapes the learning-rate schedule (the benchmark's few steps stay in its first epoch).
 STEPS_PER_EPOCH = 1000
@@ -256,7 +269,7 @@ def bench_model(model_name: str) -> BenchModel:
 def bench_config(model_name: str, size: str, dtype: str, *, seed: int = 0, **impls):
   """The model's paper config (or its tiny sizes) computing in `dtype` (train.build_model passes it to the model).
 
-  impls: attention_impl / max_pool_impl; set where the model has the field, else they must be the default.
+  impls: the IMPL_DEFAULTS switches (attention_impl, max_pool_impl, ...); set where the model has the field, else they must be the default.
   """
   spec = bench_model(model_name)
   config = spec.paper_config.get_config()
@@ -786,7 +799,7 @@ def resolve_settings() -> dict:
           'dtypes': list(FLAGS.dtypes), 'steps': FLAGS.steps, 'warmup': FLAGS.warmup, 'window': FLAGS.window,
           'torch': torch_modes, 'torch_compile_mode': FLAGS.torch_compile_mode, 'torch_threads': FLAGS.torch_threads,
           'channels_last': FLAGS.channels_last, 'attention_impl': FLAGS.attention_impl,
-          'max_pool_impl': FLAGS.max_pool_impl,
+          **{name: FLAGS[name].value for name in IMPL_DEFAULTS if name != 'attention_impl'},
           'max_batch': FLAGS.max_batch, 'max_batch_limit': FLAGS.max_batch_limit,
           'max_batch_resolution': FLAGS.max_batch_resolution, 'flops_only': FLAGS.flops_only, 'quick': FLAGS.quick,
           'seed': FLAGS.seed, 'profile_dir': os.path.abspath(FLAGS.profile_dir) if FLAGS.profile_dir else '',

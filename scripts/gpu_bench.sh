@@ -15,6 +15,15 @@
 #   fp32_eager    float32 (TF32 matmuls/convs on both sides) vs PyTorch eager
 #   bf16_cudnn    bf16 batch 128 with cuDNN flash attention (attention_impl=cudnn), dferjax only
 #   pool_reduce_window, pool_slices (only when named in STAGES): the stem max-pool's two implementations
+#   Issue 17's options, each alone against opt_base (bf16 batch 128, dferjax only, 10 timed steps), in this
+#   order (STAGES=issue17 runs them all, ~9 min with cold compiles; each is exact, tests/test_fused.py):
+#     opt_base          the defaults again, in the same run as the options
+#     opt_cudnn_pad2    cuDNN flash attention on 49/17 tokens padded to 50/18 (masked by sequence lengths)
+#     opt_heads_first   attention_layout=heads_first: no head split/merge transposes
+#     opt_s2d           stem_conv_impl=space_to_depth: the 7x7/2 conv on 3 channels as a 4x4/1 conv on 12
+#     opt_argmax_pool   max_pool_impl=argmax: ReLU after the pool, gradient from the forward's argmax
+#     opt_fused_norm    norm_impl=fused: BN/LN with a hand-written two-reduction backward pass
+#     opt_cudnn_pad8, opt_cudnn_pad32   cuDNN attention at 56/24 and 64/32 tokens
 # STAGES="..." picks stages (default: the first five, in this order). All stages together stop after $BUDGET
 # seconds (default 560): a late stage gets what is left, or is skipped.
 # A host without the project's dependencies (a bare GPU image) may carry them as wheels in .whl/ (grain,
@@ -83,10 +92,25 @@ run_stage() {
     bf16_cudnn) stage bf16_cudnn 70 --dtypes=bfloat16 --batch_sizes=128 --torch=none --attention_impl=cudnn --nomax_batch ;;
     pool_reduce_window | pool_slices)  # the stem max-pool's two implementations, dferjax only
       stage "$1" 110 --dtypes=bfloat16 --batch_sizes=128 --torch=none --nomax_batch --max_pool_impl="${1#pool_}" ;;
+    opt_*)  # one issue-17 option alone; cuDNN stages fail fast (a ValueError) if cuDNN still refuses the lengths
+      local option
+      case $1 in
+        opt_base) option=() ;;
+        opt_cudnn_pad*) option=(--attention_impl=cudnn "--attention_pad_multiple=${1#opt_cudnn_pad}") ;;
+        opt_heads_first) option=(--attention_layout=heads_first) ;;
+        opt_s2d) option=(--stem_conv_impl=space_to_depth) ;;
+        opt_argmax_pool) option=(--max_pool_impl=argmax) ;;
+        opt_fused_norm) option=(--norm_impl=fused) ;;
+        *) echo "unknown stage $1" | tee -a "$LOG"; return ;;
+      esac
+      stage "$1" 80 --dtypes=bfloat16 --batch_sizes=128 --torch=none --nomax_batch --steps=10 --warmup=2 --window=5 \
+        "${option[@]}" ;;
     *) echo "unknown stage $1" | tee -a "$LOG" ;;
   esac
 }
-for name in ${STAGES:-bf16_b128 bf16_eager profile fp32_eager bf16_cudnn}; do run_stage "$name"; done
+ISSUE17="opt_base opt_cudnn_pad2 opt_heads_first opt_s2d opt_argmax_pool opt_fused_norm opt_cudnn_pad8 opt_cudnn_pad32"
+STAGES=${STAGES:-bf16_b128 bf16_eager profile fp32_eager bf16_cudnn}
+for name in ${STAGES/issue17/$ISSUE17}; do run_stage "$name"; done
 
 echo "== summary" | tee -a "$LOG"
 grep -E '^(dferjax|torch) .*(clips/s|memory|Error)|^== |^\| |^STT \(|^largest' "$LOG"

@@ -276,7 +276,7 @@ def test_cpu_flops_fill_in_what_an_accelerator_leaves_out():
   FLOPs in and MFU follows. The worker's count equals the lowered count the CPU dferjax worker reports."""
   bench_train = load_bench_train()
   settings = {'model_name': 'stt', 'model': 'tiny', 'dtypes': ['float32'], 'batch_sizes': [4],
-              'attention_impl': 'xla', 'max_pool_impl': 'reduce_window', 'seed': 0}
+              **bench_train.IMPL_DEFAULTS, 'seed': 0}
   flops_output = {}
   for _ in bench_train.run_flops_worker(settings, flops_output):
     pass
