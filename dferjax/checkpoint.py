@@ -138,7 +138,12 @@ class Checkpoints:
 
   def restore_arrays(self, step: int) -> dict[str, Any]:
     """The saved train state as a plain tree of host numpy arrays (to start another run from it)."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    metadata = self.manager.item_metadata(step)['state']
+    metadata = getattr(metadata, 'tree', metadata)
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # not the saving run's devices: any topology
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=here)
+                          if hasattr(leaf, 'shape') else leaf, metadata)
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return jax.tree.map(np.asarray, restored.state)
 
   def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:

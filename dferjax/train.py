@@ -316,9 +316,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total_steps = steps_per_epoch * config.num_epochs
   steps = make_steps(config, steps_per_epoch=steps_per_epoch)
 
-  train_iter = inputs.train_iterator(config, train_source, local_batch_size)
+  # The next batch follows from the step alone (any process count); the saved iterator states are a record.
+  train_iter = inputs.train_iterator(config, train_source, local_batch_size, start_step or 0)
   if start_step is not None:
-    state = checkpoints.restore(start_step, steps.abstract_state, train_iter)
+    state = checkpoints.restore(start_step, steps.abstract_state)
     if is_chief:
       print(f'resumed from {checkpoints.directory} at step {start_step}', flush=True)
   else:
@@ -328,9 +329,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   writer = writers.MetricWriter(workdir, enabled=is_chief)
   writer.truncate_after(start_step)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(config_json, f, indent=2)
   if is_chief:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(config_json, f, indent=2)
     environment.append(workdir, config, start_step)
 
   accumulator = steps.init_accumulator()

@@ -288,13 +288,25 @@ def test_eval_covers_every_record_once_with_padding(shard_count):
   assert not idle['mask'].any()
 
 
-def test_train_shards_are_disjoint():
+@pytest.mark.parametrize('class_balanced', [False, True])
+def test_hosts_read_disjoint_slices_of_the_same_global_batches(class_balanced):
+  """Issue 16: the global batch is the same clips, augmented alike, whether 1, 2 or 3 hosts read it; each host
+  its slice; an iterator derived from a batch index continues there, for any host count."""
   source = id_source(9)
-  kwargs = dict(augment='none', image_size=8, batch_size=3, seed=0, sampler=sampling.SegmentSampler(2, 1),
-                shard_count=2, num_threads=0)
-  ids = [{int(v) - 1 for b in take(pipeline.train_dataset(source, shard_index=i, **kwargs), 4)
-          for v in b['video'][:, 0, 0, 0, 0]} for i in range(2)]
-  assert ids == [{0, 2, 4, 6, 8}, {1, 3, 5, 7}]
+  kwargs = dict(augment='stt', image_size=8, batch_size=6, seed=0, sampler=sampling.SegmentSampler(2, 1),
+                num_threads=0, class_balanced=class_balanced, labels=np.arange(9) % 3)
+  one = take(pipeline.train_dataset(source, **kwargs), 4)  # 24 clips: more than two epochs
+  for hosts in (2, 3):
+    local = dict(kwargs, batch_size=6 // hosts, shard_count=hosts)
+    slices = [take(pipeline.train_dataset(source, shard_index=i, **local), 4) for i in range(hosts)]
+    for step, global_batch in enumerate(one):
+      for field in global_batch:
+        np.testing.assert_array_equal(np.concatenate([host[step][field] for host in slices]), global_batch[field])
+    later = next(pipeline.iterator_at(pipeline.train_dataset(source, shard_index=1, **local), 3, 6 // hosts))
+    np.testing.assert_array_equal(later['video'], slices[1][3]['video'])
+  if not class_balanced:  # each epoch of 9 records read once, in a new order
+    ids = [int(v) - 1 for b in one for v in b['video'][:, 0, 0, 0, 0]]
+    assert sorted(ids[:9]) == sorted(ids[9:18]) == list(range(9)) and ids[:9] != ids[9:18]
 
 
 def test_resume_from_iterator_state_gives_the_same_next_batches(tmp_path):

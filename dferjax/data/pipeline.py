@@ -258,11 +258,14 @@ def train_dataset(source, *, sampler='segments', augment: str = 'stt', image_siz
                   seed: int, shard_index: int = 0, shard_count: int = 1, class_balanced: bool = False,
                   labels=None, interpolation: str = 'antialias', num_threads: int = 8,
                   prefetch: int = 4, transforms=None) -> grain.IterDataset:
-  """Infinite training batches of this host's records: uint8 video [batch_size, F, image_size, image_size, 3].
+  """Infinite training batches, this host's slice of each global batch: uint8 video [batch_size, F, image_size,
+  image_size, 3].
 
-  Host `shard_index` of `shard_count` (jax.process_index/count) reads records shard_index::shard_count, shuffled
-  anew each epoch (or class-balanced draws), with random offsets and `augment`; batches never mix in padding
-  (drop_remainder). Seeds combine `seed` and `shard_index`, so hosts draw differently.
+  One global order of clips, whatever the host count: every record shuffled anew each epoch (or class-balanced
+  draws), with random offsets and `augment` drawn per global position. Global batch k is positions
+  k * G .. (k + 1) * G - 1, G = batch_size * shard_count; host `shard_index` (jax.process_index) reads its
+  consecutive `batch_size` of them. So the global batches, and the model trained, do not depend on the number
+  of hosts, and after k batches a host of any count resumes at batch k (iterator_at).
   sampler: a sampler, its name, or `{name, **fields}` (sampling.make_sampler).
   class_balanced: labels [len(source)] if given, else read once from the source (see read_labels).
   transforms: clip transforms, or their config `{name: {fields}}` (make_clip_transforms).
@@ -271,21 +274,47 @@ def train_dataset(source, *, sampler='segments', augment: str = 'stt', image_siz
   _check_sharding(shard_index, shard_count)
   sampler = sampling.make_sampler(sampler)
   transforms = _as_transforms(transforms)
-  host_seed = int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
-  records = grain.MapDataset.range(len(source))[shard_index::shard_count].seed(host_seed)
-  if len(records) == 0:
-    raise ValueError(f'shard {shard_index} of {shard_count} has no records (source has {len(source)})')
+  if len(source) == 0:
+    raise ValueError('the training source has no records')
+  order_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])  # one host's seed before issue 16
+  records = grain.MapDataset.range(len(source)).seed(order_seed)
   if class_balanced:
     labels = read_labels(source) if labels is None else np.asarray(labels)
     if labels.shape != (len(source),):
       raise ValueError(f'labels has shape {labels.shape}, expected ({len(source)},): one per record')
-    host_records = np.arange(shard_index, len(source), shard_count)
-    records = records.repeat(None).random_map(DrawClassBalanced.from_labels(labels[host_records], host_records))
+    records = records.repeat(None).random_map(DrawClassBalanced.from_labels(labels, np.arange(len(source))))
   else:
     records = records.shuffle().repeat(None)
   clips = _train_stages(records, source, sampler, augment, image_size, interpolation, transforms)
+  host_clips = grain.MapDataset.range(_ENDLESS).map(HostSlice(clips, batch_size, shard_index, shard_count))
   read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch * batch_size)
-  return clips.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True)
+  return host_clips.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True)
+
+
+_ENDLESS = 2 ** 62  # host positions: more than any run reads
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HostSlice(grain.transforms.Map):
+  """Host position -> the clip at the global position it stands for: position q is item q % b of this host's
+  slice of global batch q // b (b = batch_size per host). Clips draw their randomness by global position."""
+  clips: Any  # grain.MapDataset of batch-field dicts, in global order
+  batch_size: int
+  shard_index: int
+  shard_count: int
+
+  def map(self, position):
+    batch, item = divmod(int(position), self.batch_size)
+    return self.clips[(batch * self.shard_count + self.shard_index) * self.batch_size + item]
+
+
+def iterator_at(dataset: grain.IterDataset, batch_index: int, batch_size: int):
+  """An iterator of train_dataset(batch_size=batch_size) whose next batch is global batch `batch_index`: derived
+  from the step alone, so a run resumed with another host count continues at the exact batch."""
+  iterator = iter(dataset)
+  if batch_index:
+    iterator.set_state({'next_index': batch_index * batch_size})
+  return iterator
 
 
 def _as_transforms(transforms) -> tuple:
