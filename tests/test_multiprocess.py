@@ -38,7 +38,9 @@ def launch(workdir, data_dir, num_processes: int, *extra, env_of=None, timeout=3
     if num_processes == 1 and not env_of:
       args = []
     command = [sys.executable, '-m', 'dferjax.main', f'--config={TINY_CONFIG}', f'--workdir={workdir}',
-               f'--config.dataset.data_dir={data_dir}', '--compilation_cache=', *args, *extra]
+               f'--config.dataset.data_dir={data_dir}', *args, *extra,
+               # one cache for the test's launches: the later ones load their executables instead of compiling
+               f'--compilation_cache={os.path.join(os.path.dirname(workdir), "xla_cache")}']
     processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
   outputs = []
