@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from test_train import REPO, TINY_CONFIG, data_dir, final_params  # noqa: F401  (data_dir is a fixture)
+from test_train import REPO, TEST_COMPILATION_CACHE, TINY_CONFIG, data_dir, final_params  # noqa: F401  (data_dir is a fixture)
 
 pytestmark = pytest.mark.multiprocess
 GLOBAL_DEVICES = 2
@@ -39,8 +39,7 @@ def launch(workdir, data_dir, num_processes: int, *extra, env_of=None, timeout=3
       args = []
     command = [sys.executable, '-m', 'dferjax.main', f'--config={TINY_CONFIG}', f'--workdir={workdir}',
                f'--config.dataset.data_dir={data_dir}', *args, *extra,
-               # one cache for the test's launches: the later ones load their executables instead of compiling
-               f'--compilation_cache={os.path.join(os.path.dirname(workdir), "xla_cache")}']
+               f'--compilation_cache={TEST_COMPILATION_CACHE}']  # later launches load their executables
     processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
   outputs = []

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -15,6 +16,9 @@ from dferjax import configlib, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, 'tests', 'tiny_config.py')
+# One XLA compilation cache for every `python -m dferjax.main` the tests start: a run that compiles what an earlier
+# one did loads it (the cache keys on the program and the jax version, so sharing cannot change a result).
+TEST_COMPILATION_CACHE = os.path.join(tempfile.gettempdir(), f'dferjax_tests_xla_cache_{os.getuid()}')
 
 
 @pytest.fixture(scope='module')
@@ -43,7 +47,8 @@ def tiny_config(data_dir, arg=None, **overrides):
 
 def run_main(workdir, data_dir, *extra, wait=True):
   command = [sys.executable, '-m', 'dferjax.main', f'--config={TINY_CONFIG}', f'--workdir={workdir}',
-             f'--config.dataset.data_dir={data_dir}', '--compilation_cache=', *extra]
+             f'--config.dataset.data_dir={data_dir}', *extra,
+             f'--compilation_cache={TEST_COMPILATION_CACHE}']
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'JAX_PLATFORMS': 'cpu'}
   process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   if not wait:

@@ -133,9 +133,9 @@ def holdout_run(tmp_path_factory, data_dir):
   trained_on = []
   original = inputs.train_iterator
 
-  def recording_iterator(config, source, local_batch_size):
+  def recording_iterator(config, source, local_batch_size, *args, **kwargs):
     trained_on.append(ids_of(source))
-    return original(config, source, local_batch_size)
+    return original(config, source, local_batch_size, *args, **kwargs)
   config = tiny_config(data_dir, **{'validation.fraction': 0.25, 'keep_checkpoints': 1})
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(inputs, 'train_iterator', recording_iterator)
