@@ -295,10 +295,19 @@ def head_result(confusion, class_names) -> dict[str, Any]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final eval metrics."""
+  sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
+  sharding.check_batch_size(config.batch_size)
   os.makedirs(workdir, exist_ok=True)
-  is_chief = jax.process_index() == 0
   checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric,
                                            also_best=validation.checkpoint_metric(config))
+  try:  # closed on any error too: Orbax's background threads must not outlive the interpreter's executors
+    return _train_and_evaluate(config, workdir, checkpoints)
+  finally:
+    checkpoints.close()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoints) -> dict[str, Any]:
+  is_chief = jax.process_index() == 0
   start_step = checkpoints.latest_step()
   config_json = checkpoint_lib.config_to_json(config)
   if start_step is None:
@@ -393,7 +402,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if not last_eval:  # resumed after the last epoch's checkpoint: evaluate what was trained
     last_eval = evaluate(steps, state, config, eval_source)
   best_step = checkpoints.best_step()
-  checkpoints.close()
   if is_chief:
     write_final_reports(workdir, config, last_eval, best_step, list(steps.heads))
     reports.add_protocols(workdir, config.best_metric, config.dataset.eval_split)
