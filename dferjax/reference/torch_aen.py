@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dferjax.reference import loading, torch_stt
-from dferjax.reference.torch_nr_dfernet import Transformer  # Former-DFER's pre-norm layers
+from dferjax.reference.torch_nr_dfernet import FORMER_DFER_RENAMES, Transformer  # Former-DFER's pre-norm layers
 
 # Former-DFER label order: Happy, Sad, Neutral, Angry, Surprise, Disgust, Fear (refs.md §1.5's grouping).
 GROUP_NAMES = ('positive', 'neutral', 'negative')
@@ -274,17 +274,7 @@ _RENAMES = (
     (r'^global_head/', 'fc0/'),
     (r'^group_head/', 'fc1/'),
     (r'^local_head/', 'fc3/'),
-    (r'(layer\d)_(\d+)/', r'\1/\2/'),
-    (r'downsample_(\d)/', r'downsample/\1/'),
-    (r'attention_norm/', 'attn_norm/'),
-    (r'attention/qkv/', 'attn/to_qkv/'),
-    (r'attention/proj/', 'attn/to_out/'),
-    (r'mlp_norm/', 'ff_norm/'),
-    (r'mlp/fc1/', 'ff/net/0/'),
-    (r'mlp/fc2/', 'ff/net/2/'),
-    (r'/(kernel|scale)$', '/weight'),
-    (r'/mean$', '/running_mean'),
-    (r'/var$', '/running_var'),
+    *FORMER_DFER_RENAMES,
 )
 
 

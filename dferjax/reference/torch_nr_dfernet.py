@@ -163,18 +163,9 @@ class NRDFERNet(nn.Module):
     return filtered, sequence_logits, snippet_logits
 
 
-# Flax path (joined with '/') -> torch key, applied in order; module renames, then leaf names.
-_RENAMES = (
-    (r'^stem/conv1_(\d)/', r'conv1/\1/'),
-    (r'^stem/', ''),
-    (r'^fusion/dynamic_(\d+)/', r'd_branch/\1/'),
-    (r'^fusion/static_embed/', 'patch_embedding/0/'),
-    (r'^fusion/static_embed_bn/', 'patch_embedding/1/'),
-    (r'^fusion/static_pos_embed$', 'pos_embedding_static'),
-    (r'^fusion/static_block_(\d+)/', r'spatial_transformer/layers/\1/'),
-    (r'^temporal/block_(\d+)/', r'temporal_transformer/layers/\1/'),
-    (r'^temporal/pos_embed$', 'temporal_pos_embedding'),
-    (r'^head/', 'fc/'),
+# Flax names -> torch names of the torchvision-layout ResNet blocks and Former-DFER's pre-norm layers (Transformer
+# above), and the leaf names; shared with the AEN transcription.
+FORMER_DFER_RENAMES = (
     (r'(layer\d)_(\d+)/', r'\1/\2/'),
     (r'downsample_(\d)/', r'downsample/\1/'),
     (r'attention_norm/', 'attn_norm/'),
@@ -186,6 +177,21 @@ _RENAMES = (
     (r'/(kernel|scale)$', '/weight'),
     (r'/mean$', '/running_mean'),
     (r'/var$', '/running_var'),
+)
+
+# Flax path (joined with '/') -> torch key, applied in order; module renames, then the shared ones.
+_RENAMES = (
+    (r'^stem/conv1_(\d)/', r'conv1/\1/'),
+    (r'^stem/', ''),
+    (r'^fusion/dynamic_(\d+)/', r'd_branch/\1/'),
+    (r'^fusion/static_embed/', 'patch_embedding/0/'),
+    (r'^fusion/static_embed_bn/', 'patch_embedding/1/'),
+    (r'^fusion/static_pos_embed$', 'pos_embedding_static'),
+    (r'^fusion/static_block_(\d+)/', r'spatial_transformer/layers/\1/'),
+    (r'^temporal/block_(\d+)/', r'temporal_transformer/layers/\1/'),
+    (r'^temporal/pos_embed$', 'temporal_pos_embedding'),
+    (r'^head/', 'fc/'),
+    *FORMER_DFER_RENAMES,
 )
 
 
