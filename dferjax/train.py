@@ -296,17 +296,18 @@ def head_result(confusion, class_names) -> dict[str, Any]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final eval metrics."""
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
-  sharding.check_batch_size(config.batch_size)
+  local_batch_size = sharding.check_batch_size(config.batch_size)
   os.makedirs(workdir, exist_ok=True)
   checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric,
                                            also_best=validation.checkpoint_metric(config))
   try:  # closed on any error too: Orbax's background threads must not outlive the interpreter's executors
-    return _train_and_evaluate(config, workdir, checkpoints)
+    return _train_and_evaluate(config, workdir, checkpoints, local_batch_size)
   finally:
     checkpoints.close()
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoints) -> dict[str, Any]:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoints,
+                        local_batch_size: int) -> dict[str, Any]:
   is_chief = jax.process_index() == 0
   start_step = checkpoints.latest_step()
   config_json = checkpoint_lib.config_to_json(config)
@@ -315,8 +316,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpo
   else:
     checkpoint_lib.check_resumable(config_json, checkpoints.saved_config(start_step), checkpoints.directory)
 
-  sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
-  local_batch_size = sharding.check_batch_size(config.batch_size)
   train_source, eval_source = inputs.data_sources(config)
   train_source, heldout_source = validation.split(config, train_source, workdir, write=is_chief)
   steps_per_epoch = config.steps_per_epoch if config.steps_per_epoch > 0 else len(train_source) // config.batch_size
