@@ -28,6 +28,10 @@ _COORDINATOR_ADDRESS = flags.DEFINE_string('coordinator_address', None,
                                            'With --distributed: host:port of process 0, the same on every process.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --distributed: how many processes the run has.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --distributed: this process, 0 .. num_processes - 1.')
+_LOCAL_DEVICE_IDS = flags.DEFINE_string(
+    'local_device_ids', None, "With --distributed: 'all' (every GPU this process sees: one process per node under "
+    "SLURM or Open MPI, where JAX would give each process only the GPU of its local task id) or ids such as 0,1; "
+    'else DFERJAX_LOCAL_DEVICE_IDS, else JAX\'s choice.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Show the libraries' INFO logs (Orbax logs every save step) and the "
                              'tracebacks of expected errors.')
 _PRINT_CONFIG = flags.DEFINE_bool('print_config', False, 'Print the config (every field, after overrides) and exit.')
@@ -75,12 +79,13 @@ def main(argv):
   if not _VERBOSE.value:
     logging.set_verbosity(logging.WARNING)
   if not _DISTRIBUTED.value and (explicit := [f'--{flag.name}' for flag in (_COORDINATOR_ADDRESS, _NUM_PROCESSES,
-                                                                            _PROCESS_ID) if flag.value is not None]):
+                                                                            _PROCESS_ID, _LOCAL_DEVICE_IDS)
+                                                     if flag.value is not None]):
     raise app.UsageError(f'{", ".join(explicit)} given without --distributed')
   if _DISTRIBUTED.value:
     from dferjax import distributed  # pylint: disable=import-outside-toplevel
-    cli.run(lambda: distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value),
-            verbose=_VERBOSE.value)
+    cli.run(lambda: distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                           _LOCAL_DEVICE_IDS.value), verbose=_VERBOSE.value)
   import jax  # pylint: disable=import-outside-toplevel
   if _COMPILATION_CACHE.value:
     jax.config.update('jax_compilation_cache_dir', _COMPILATION_CACHE.value)

@@ -58,3 +58,30 @@ def test_main_fails_in_one_line_on_an_incomplete_set_or_no_cluster():
     assert len(errors) == 1 and wanted in errors[0], result.stderr
   result = _main('--process_id=0')
   assert result.returncode == 1 and '--process_id given without --distributed' in result.stderr, result.stderr
+
+
+def test_local_device_ids_all_a_list_or_jax_default():
+  assert distributed.local_device_ids(None, environ={}) is None  # JAX's choice: one GPU per SLURM/MPI task
+  assert distributed.local_device_ids('all', environ={}) == []  # JAX restricts devices only for a non-empty list
+  assert distributed.local_device_ids(None, environ={'DFERJAX_LOCAL_DEVICE_IDS': '0,3'}) == [0, 3]
+  assert distributed.local_device_ids('1', environ={'DFERJAX_LOCAL_DEVICE_IDS': 'all'}) == [1]  # the flag first
+  for value, wanted in (('gpu0', "--local_device_ids='gpu0': expected 'all' or device ids"),
+                        ('0,0', 'must be distinct')):
+    with pytest.raises(ValueError, match=wanted):
+      distributed.local_device_ids(value, environ={})
+
+
+def test_a_bucket_url_as_workdir_or_data_dir_stops_before_anything_is_written(tmp_path, monkeypatch):
+  from dferjax import train  # pylint: disable=import-outside-toplevel
+  from dferjax.data import inputs  # pylint: disable=import-outside-toplevel
+  import test_train  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(tmp_path)  # os.makedirs('gs://b/run') would make ./gs:/b/run
+  config = test_train.tiny_config(str(tmp_path))
+  with pytest.raises(ValueError, match=r"--workdir='gs://bucket/run': dferjax writes .* \(Cloud Storage FUSE"):
+    train.train_and_evaluate(config, 'gs://bucket/run')
+  assert os.listdir(tmp_path) == []
+  with config.unlocked():
+    config.dataset.data_dir = 's3://bucket/data'
+  with pytest.raises(ValueError, match=r"config.dataset.data_dir='s3://bucket/data': ArrayRecord"):
+    inputs.data_dir(config)
+  assert inputs.data_dir(test_train.tiny_config('/mnt/gcs/data')) == '/mnt/gcs/data'  # a mounted bucket is a path

@@ -14,6 +14,7 @@ import os
 import jax
 import ml_collections
 
+from dferjax import distributed
 from dferjax.data import datasets, image_list, pipeline
 
 
@@ -23,6 +24,7 @@ SYNTHETIC_SUBDIR = 'synthetic'
 def data_dir(config: ml_collections.ConfigDict) -> str:
   """Where `config.dataset` is built: the synthetic demo data in a subfolder of its own, as it shares the real
   datasets' builder names."""
+  distributed.check_posix_path(config.dataset.data_dir, 'config.dataset.data_dir', 'data')
   if 'synthetic' in config.dataset:
     motions = config.dataset.synthetic.get('motions', 'time_reversed')  # runs saved before motion sets
     subdir = SYNTHETIC_SUBDIR if motions == 'time_reversed' else f'{SYNTHETIC_SUBDIR}_{motions}'
