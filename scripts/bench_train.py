@@ -63,8 +63,9 @@ def define_flags():
   flags.DEFINE_integer('torch_threads', 0, 'PyTorch intra-op threads on a CPU (0: the cores this process may use).')
   flags.DEFINE_bool('channels_last', True, 'PyTorch convs in channels_last memory (NHWC, as XLA): faster for torch '
                     'eager on CPU too (tiny STT +15-20%, paper STT +17%, 2 cores).')
-  flags.DEFINE_enum('attention_impl', IMPL_DEFAULTS['attention_impl'], ['xla', 'cudnn'],
-                    "STT attention ('cudnn': flash attention, GPU bf16); a model without the field takes the default.")
+  flags.DEFINE_enum('attention_impl', IMPL_DEFAULTS['attention_impl'], ['xla', 'cudnn', 'pallas'],
+                    "STT attention ('cudnn': flash attention, GPU bf16; 'pallas': dferjax.models.pallas_attention, "
+                    'Triton on a GPU, interpreted elsewhere); a model without the field takes the default.')
   flags.DEFINE_enum('max_pool_impl', IMPL_DEFAULTS['max_pool_impl'], ['reduce_window', 'slices', 'argmax'],
                     "dferjax's stem max-pool (dferjax.models.resnet.MAX_POOL_IMPLS; 'argmax': ReLU + pool with an "
                     'argmax-reusing gradient), where the model has one.')
@@ -624,7 +625,8 @@ def run_flops_worker(settings: dict, output: dict):
   """FLOPs per clip of every (dtype, batch) from the CPU backend's lowering (see lowered_flops)."""
   results = output.setdefault('results', [])
   for dtype in settings['dtypes']:
-    config = settings_config(settings, dtype, attention_impl='xla')  # cuDNN attention is GPU-only
+    # cuDNN attention is GPU-only; Pallas' would lower to its interpreter's loops, which the count sees once.
+    config = settings_config(settings, dtype, attention_impl='xla')
     for batch_size in settings['batch_sizes']:
       results.append({'dtype': dtype, 'batch_size': batch_size, 'flops_per_clip': lowered_flops(config, batch_size)})
       yield

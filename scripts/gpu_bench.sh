@@ -16,8 +16,11 @@
 #   bf16_cudnn    bf16 batch 128 with cuDNN flash attention (attention_impl=cudnn), dferjax only
 #   pool_reduce_window, pool_slices (only when named in STAGES): the stem max-pool's two implementations
 #   Issue 17's options, each alone against opt_base (bf16 batch 128, dferjax only, 10 timed steps), in this
-#   order (STAGES=issue17 runs them all, ~9 min with cold compiles; each is exact, tests/test_fused.py):
+#   order (STAGES=issue17 runs them all, ~10 min with cold compiles, so the default BUDGET may skip the last;
+#   each is exact, tests/test_fused.py and tests/test_pallas_attention.py):
 #     opt_base          the defaults again, in the same run as the options
+#     opt_pallas        attention_impl=pallas: one Pallas/Triton kernel per direction, a whole 49/17-token
+#                       sequence (padded to 64/32) per program (dferjax/models/pallas_attention.py)
 #     opt_cudnn_pad2    cuDNN flash attention on 49/17 tokens padded to 50/18 (masked by sequence lengths)
 #     opt_heads_first   attention_layout=heads_first: no head split/merge transposes
 #     opt_s2d           stem_conv_impl=space_to_depth: the 7x7/2 conv on 3 channels as a 4x4/1 conv on 12
@@ -96,6 +99,7 @@ run_stage() {
       local option
       case $1 in
         opt_base) option=() ;;
+        opt_pallas) option=(--attention_impl=pallas) ;;
         opt_cudnn_pad*) option=(--attention_impl=cudnn "--attention_pad_multiple=${1#opt_cudnn_pad}") ;;
         opt_heads_first) option=(--attention_layout=heads_first) ;;
         opt_s2d) option=(--stem_conv_impl=space_to_depth) ;;
@@ -108,7 +112,8 @@ run_stage() {
     *) echo "unknown stage $1" | tee -a "$LOG" ;;
   esac
 }
-ISSUE17="opt_base opt_cudnn_pad2 opt_heads_first opt_s2d opt_argmax_pool opt_fused_norm opt_cudnn_pad8 opt_cudnn_pad32"
+ISSUE17="opt_base opt_pallas opt_cudnn_pad2 opt_heads_first opt_s2d opt_argmax_pool opt_fused_norm"
+ISSUE17+=" opt_cudnn_pad8 opt_cudnn_pad32"
 STAGES=${STAGES:-bf16_b128 bf16_eager profile fp32_eager bf16_cudnn}
 for name in ${STAGES/issue17/$ISSUE17}; do run_stage "$name"; done
 

@@ -12,7 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ATTENTION_IMPLS = ('xla', 'cudnn')
+from dferjax.models import pallas_attention
+
+# 'xla'/'cudnn': jax.nn.dot_product_attention's implementations; 'pallas': pallas_attention.attention, one fused
+# forward and one backward kernel per (sequence, head), tokens padded inside (issue 17).
+ATTENTION_IMPLS = ('xla', 'cudnn', 'pallas')
 # 'tokens_heads': one qkv Dense, reshaped to [batch, tokens, heads, head_dim] for jax.nn.dot_product_attention;
 # 'heads_first': the same parameters applied as einsums that yield [batch, heads, tokens, head_dim] directly and
 # merge heads inside the output projection, so no separate head split/merge transposes (issue 17).
@@ -74,7 +78,7 @@ class MultiHeadSelfAttention(nn.Module):
   qkv_bias: bool = True
   head_dim: Optional[int] = None  # None: dim // num_heads; else inner width num_heads * head_dim (Former-DFER)
   attention_dropout: float = 0.0  # on the attention weights, as torch's nn.MultiheadAttention(dropout=...)
-  attention_impl: str = 'xla'  # 'cudnn': flash attention on GPU (bf16/fp16 only)
+  attention_impl: str = 'xla'  # 'cudnn': flash attention on GPU (bf16/fp16 only); 'pallas': pallas_attention
   attention_layout: str = 'tokens_heads'  # or 'heads_first' (ATTENTION_LAYOUTS), same parameters
   attention_pad_multiple: int = 1  # pad tokens to a multiple (49 -> 50/56/64 at 2/8/32), masked by sequence lengths
   kernel_init: Optional[Any] = None  # None: torch.nn.Linear's default for qkv and proj
@@ -92,6 +96,12 @@ class MultiHeadSelfAttention(nn.Module):
     if self.attention_layout == 'heads_first' and (self.attention_impl != 'xla' or self.attention_pad_multiple != 1):
       raise ValueError("attention_layout='heads_first' computes its own softmax: it needs attention_impl='xla' and "
                        'attention_pad_multiple=1')
+    if self.attention_impl == 'pallas' and self.attention_pad_multiple != 1:
+      raise ValueError("attention_impl='pallas' pads the tokens itself: attention_pad_multiple must be 1, "
+                       f'got {self.attention_pad_multiple}')
+    if self.attention_impl == 'pallas' and self.attention_dropout:
+      raise ValueError("attention_impl='pallas' has no dropout on the weights: attention_dropout must be 0, "
+                       f'got {self.attention_dropout}')
     *batch_shape, num_tokens, dim = x.shape
     if self.head_dim is None and dim % self.num_heads:
       raise ValueError(f'dim {dim} is not divisible by num_heads {self.num_heads}')
@@ -129,12 +139,15 @@ class MultiHeadSelfAttention(nn.Module):
     if num_padded != num_tokens:  # a padding mask without bias, which cuDNN accepts at any length (issue 17)
       lengths = jnp.full(query.shape[:1], num_tokens, jnp.int32)
       lengths = dict(query_seq_lengths=lengths, key_value_seq_lengths=lengths)
-    try:
-      out = jax.nn.dot_product_attention(query, key, value, implementation=self.attention_impl, **lengths)
-    except NotImplementedError as error:  # cuDNN refuses some shapes, e.g. STT's odd 49/17-token training
-      raise ValueError(
-          f"attention_impl='{self.attention_impl}' cannot run {num_padded} tokens with head_dim {head_dim} "
-          f"({error}); set config.model.attention_impl='xla', or attention_pad_multiple to pad them") from error
+    if self.attention_impl == 'pallas':  # pads to a power of two inside (num_padded == num_tokens here)
+      out = pallas_attention.attention(query, key, value)
+    else:
+      try:
+        out = jax.nn.dot_product_attention(query, key, value, implementation=self.attention_impl, **lengths)
+      except NotImplementedError as error:  # cuDNN refuses some shapes, e.g. STT's odd 49/17-token training
+        raise ValueError(
+            f"attention_impl='{self.attention_impl}' cannot run {num_padded} tokens with head_dim {head_dim} "
+            f"({error}); set config.model.attention_impl='xla', or attention_pad_multiple to pad them") from error
     out = out.reshape(*batch_shape, num_padded, inner_dim)
     out = torch_dense(dim, inner_dim, self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
                       name='proj')(out)

@@ -33,7 +33,7 @@ class STTBlock(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_impl: str = 'xla'  # 'cudnn': flash attention on GPU, needs dtype bfloat16
+  attention_impl: str = 'xla'  # 'cudnn': flash attention on GPU, needs dtype bfloat16; 'pallas': pallas_attention
   attention_layout: str = 'tokens_heads'  # or 'heads_first' (layers.ATTENTION_LAYOUTS)
   attention_pad_multiple: int = 1  # pad the 49/17 tokens to a multiple, masked (cuDNN wants even lengths)
   norm_impl: str = 'flax'  # or 'fused' (fused.FusedLayerNorm)
@@ -85,7 +85,7 @@ class STT(nn.Module):
   backbone_width: int = 64
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_impl: str = 'xla'  # 'cudnn': flash attention on GPU, needs dtype bfloat16
+  attention_impl: str = 'xla'  # 'cudnn': flash attention on GPU, needs dtype bfloat16; 'pallas': pallas_attention
   max_pool_impl: str = 'reduce_window'  # the backbone stem's max-pool: or 'slices', 'argmax' (resnet.MAX_POOL_IMPLS)
   # Issue 17's options, exact re-expressions of the default (tests/test_fused.py), none measured faster yet:
   attention_layout: str = 'tokens_heads'  # or 'heads_first': head split/merge inside the projections
