@@ -13,6 +13,11 @@ from dferjax import configlib
 STT_LOSSES = {'compact': dict(name='compact', beta=0.2), 'cross_entropy': dict(name='cross_entropy'),
               'label_smoothing': dict(name='label_smoothing', smoothing=0.1)}
 
+# How STT is computed, not what (each an exact re-expression of the default, docs/performance.md); here so that
+# --config.model.<field>=... can pick one.
+IMPLEMENTATION = dict(attention_impl='xla', attention_layout='tokens_heads', attention_pad_multiple=1,
+                      max_pool_impl='reduce_window', stem_conv_impl='conv', norm_impl='flax')
+
 
 def get_config(arg=None):
   args = configlib.parse_arg(arg, fold=1, image_size=112, loss='compact')
@@ -21,7 +26,7 @@ def get_config(arg=None):
   config = configlib.base_config()
   config.model_name = 'stt'
   config.model = dict(num_frames=16, embed_dim=512, num_layers=4, num_heads=8, mlp_ratio=4.0,
-                      drop_path_rate=0.1, backbone_stage=3, backbone_width=64)
+                      drop_path_rate=0.1, backbone_stage=3, backbone_width=64, **IMPLEMENTATION)
   suffix = '' if args.image_size == 112 else f'_px{args.image_size}'
   config.dataset.name = f'dfew/fold{args.fold}{suffix}'
   config.input.sampler = configlib.segment_sampler(num_segments=8, frames_per_segment=2)
