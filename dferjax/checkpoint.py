@@ -8,14 +8,23 @@ leaves the previous checkpoints readable and the half-written one ignored.
 A checkpoint damaged after it was written (a file truncated or removed) is found by its file list
 (`<workdir>/checkpoint_files/<step>.json`, every file's size, written once the save is complete): a training run
 sets it aside as `checkpoints/<step>.damaged` with a warning naming the step, and resumes from the newest intact
-one (the best one, too, becomes the best intact checkpoint).
+one (the best one, too, becomes the best intact checkpoint). A read-only reader (dferjax.evaluate) moves nothing:
+it asks `damaged_steps()` and chooses among the others.
+
+A save that the disk refuses (full, over quota, past the file-size limit) raises an OSError naming the step's
+directory, from whichever call sees it first (`check_for_errors`, `wait`, the next `save`); Orbax's own reports of
+it (logged tracebacks, tensorstore's late writes to the closed event loop) are silenced, so the caller's one
+message is all. The earlier checkpoints and their file lists stay as they were.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sys
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import flax
 import grain
@@ -25,7 +34,38 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
+from dferjax import cli
+
 _ITEMS = ('state', 'data', 'config')
+
+
+class _QuietDiskFull(logging.Filter):
+  """Orbax logs a failed save's traceback from each of its threads, and asyncio each unfinished write of it;
+  when the disk refused a write, the error reaches the caller instead (cli: one line), so those are dropped."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and record.exc_info[1] is not None and cli.is_disk_full(record.exc_info[1]))
+
+
+def _quiet_closed_event_loop(previous: Callable) -> Callable:
+  """When one write of a save fails, Orbax closes the save's event loop while tensorstore still finishes the
+  others; each then reports 'Event loop is closed' as an unraisable error. Only those are dropped."""
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed'):
+      previous(unraisable)
+  hook.quiets_closed_event_loop = True
+  return hook
+
+
+def _quiet_failed_saves():
+  """A save the disk refused is reported once, by the error it raises (see `Checkpoints.check_for_errors`)."""
+  for name in ('absl', 'asyncio'):  # Orbax logs through absl
+    if not any(isinstance(f, _QuietDiskFull) for f in logging.getLogger(name).filters):
+      logging.getLogger(name).addFilter(_QuietDiskFull())
+  if not getattr(sys.unraisablehook, 'quiets_closed_event_loop', False):
+    sys.unraisablehook = _quiet_closed_event_loop(sys.unraisablehook)
+  # the writes that the closed loop never started
+  warnings.filterwarnings('ignore', r"coroutine '.*write_fragment' was never awaited", RuntimeWarning)
 
 
 def _manager(directory: str, *, keep: int = 2, best_metric: str | None = 'war', also_best: str | None = None,
@@ -56,7 +96,9 @@ class Checkpoints:
       raise FileNotFoundError(f'no checkpoints in {workdir!r}: expected the directory {self.directory}')
     if not read_only:
       self._set_aside_damaged()
+      _quiet_failed_saves()
     self._read_only = read_only
+    self._saving: int | None = None  # the step of the save in flight
     self.manager = _manager(self.directory, keep=keep, best_metric=best_metric, also_best=also_best,
                             read_only=read_only)
 
@@ -85,7 +127,9 @@ class Checkpoints:
     os.makedirs(self.files_directory, exist_ok=True)
     steps = {str(step) for step in self.manager.all_steps()}
     for name in os.listdir(self.files_directory):
-      if name.removesuffix('.json') not in steps:  # deleted by the keep policy
+      # deleted by the keep policy; judged on disk, as a failed save also drops from Orbax's list the steps it
+      # was to delete
+      if not os.path.isdir(os.path.join(self.directory, name.removesuffix('.json'))):
         os.remove(os.path.join(self.files_directory, name))
     for step in steps:
       path = os.path.join(self.files_directory, f'{step}.json')
@@ -103,23 +147,55 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  def damaged_steps(self) -> dict[int, str]:
+    """{step: what is wrong} for the checkpoints whose files differ from their file lists (nothing is moved)."""
+    return {step: why for step in self.all_steps()
+            if (why := checkpoint_damage(self.directory, self.files_directory, step))}
+
+  def best_step_among(self, steps, metric: str) -> int | None:
+    """Of `steps`, the one whose saved metrics hold the highest `metric`, the latest on ties (as Orbax's best);
+    None when none of them saved it (a checkpoint saved between evaluations has no metrics)."""
+    scored = [(metrics[metric], step) for step in steps if metric in (metrics := self.manager.metrics(step) or {})]
+    return max(scored)[1] if scored else None
+
   def save(self, step: int, state, data_iterator, config_dict: dict, metrics: dict[str, float] | None = None):
     """Starts an asynchronous save; the next save or `wait()` completes it."""
-    self.manager.wait_until_finished()  # the previous save, complete: its file list
-    self._record_files()
+    self.wait()  # the previous save, complete: its file list
     args = {'state': ocp.args.StandardSave(state), 'config': ocp.args.JsonSave(config_dict)}
     if data_iterator is not None:
       args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-    self.manager.save(step, args=ocp.args.Composite(**args),
-                      metrics={k: float(v) for k, v in metrics.items()} if metrics else None)
+    self._saving = step
+    with self._disk_full_names_the_step():
+      self.manager.save(step, args=ocp.args.Composite(**args),
+                        metrics={k: float(v) for k, v in metrics.items()} if metrics else None)
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._disk_full_names_the_step():
+      self.manager.wait_until_finished()
+    self._saving = None
     self._record_files()
 
   def check_for_errors(self):
     """Raises the error of a finished asynchronous save (a full disk), so a run stops at once, not a save later."""
-    self.manager.check_for_errors()
+    with self._disk_full_names_the_step():
+      self.manager.check_for_errors()
+      if not self.manager.is_saving_in_progress():
+        # A failed save's error is held by Orbax's finalize thread (the check above sees it only if it comes
+        # first); the save is over, so this returns at once or raises it.
+        self.manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _disk_full_names_the_step(self):
+    """A save the disk refused (full, quota, file-size limit) raises an OSError naming the step's directory;
+    Orbax leaves its temporary directory, which the next run's manager removes."""
+    try:
+      yield
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      if not cli.is_disk_full(error) or self._saving is None:
+        raise
+      found = cli.os_error(error)
+      step, self._saving = self._saving, None
+      raise OSError(found.errno, found.strerror, os.path.join(self.directory, str(step))) from error
 
   def close(self):
     self.manager.close()

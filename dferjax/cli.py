@@ -8,23 +8,35 @@ from __future__ import annotations
 import difflib
 import errno
 import os
+import re
 import sys
 from typing import Callable
 
 # Bad input, a bad config, an unwritable or full disk, a non-finite loss: the message says what to do.
 EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+# The disk refused a write: it is full, a quota is used up, or the file-size limit (ulimit -f) is reached.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def _os_error(error: BaseException) -> OSError | None:
-  """The OSError behind `error` (Orbax and grain re-raise a worker's failure under their own type)."""
+def os_error(error: BaseException) -> OSError | None:
+  """The OSError behind `error`. Orbax and grain re-raise a worker's failure under their own type, and
+  tensorstore (Orbax's array writer) raises a ValueError that carries the errno in its text only: a full disk
+  or file-size limit there ("... Failed to write 16574 bytes to file 12: File too large [os_error_code='27']")
+  comes back as an OSError without a file name."""
   seen = set()
   while error is not None and id(error) not in seen:
     if isinstance(error, OSError) and error.errno is not None:
       return error
+    if (code := re.search(r"\[os_error_code='(\d+)'\]", str(error))) and int(code[1]) in DISK_FULL:
+      return OSError(int(code[1]), os.strerror(int(code[1])))
     seen.add(id(error))
     error = error.__cause__ or error.__context__
   return None
+
+
+def is_disk_full(error: BaseException) -> bool:
+  return (found := os_error(error)) is not None and found.errno in DISK_FULL
 
 
 def last_checkpoint(workdir: str | None) -> str:
@@ -37,12 +49,13 @@ def last_checkpoint(workdir: str | None) -> str:
 
 
 def error_message(error: BaseException, workdir: str | None = None) -> str:
-  os_error = _os_error(error)
-  where = f' ({os_error.filename})' if os_error is not None and os_error.filename else ''
-  if os_error is not None and os_error.errno == errno.ENOSPC:
-    return f'no space left on device{where}: stopped; {last_checkpoint(workdir)}. Free some space and rerun.'
-  if os_error is not None and os_error.errno in _NOT_WRITABLE:
-    return f'cannot write{where}: {os_error.strerror}. Give a directory you can write (--workdir, --data_dir).'
+  found = os_error(error)
+  where = f' ({found.filename})' if found is not None and found.filename else ''
+  if found is not None and found.errno in DISK_FULL:
+    return (f'the disk refused a write{where}: {found.strerror}; stopped, {last_checkpoint(workdir)}. Free some '
+            'space (or raise the file-size limit, ulimit -f) and rerun.')
+  if found is not None and found.errno in _NOT_WRITABLE:
+    return f'cannot write{where}: {found.strerror}. Give a directory you can write (--workdir, --data_dir).'
   text = str(error) if isinstance(error, (ValueError, OSError, FloatingPointError)) else \
       f'{type(error).__name__}: {error}'
   return '\n'.join([text, *getattr(error, '__notes__', [])])

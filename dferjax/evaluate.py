@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 from absl import app, flags
 import ml_collections
@@ -44,38 +45,22 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = None, data_dir: str | None = None) -> dict:
-  """Restores one checkpoint of `workdir` and evaluates it on a split; returns the metrics."""
+  """Restores one checkpoint of `workdir` (`choose_step`) and evaluates it on a split; returns the metrics."""
   from dferjax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from dferjax import clip_report, train  # pylint: disable=import-outside-toplevel
   from dferjax.data import inputs  # pylint: disable=import-outside-toplevel
-  from dferjax import environment, reports, writers  # pylint: disable=import-outside-toplevel
+  from dferjax import environment  # pylint: disable=import-outside-toplevel
   config = load_run_config(workdir)
   if data_dir:
     config.dataset.data_dir = data_dir
   environment.warn_if_dataset_changed(workdir, config)
-  checkpoints = checkpoint_lib.Checkpoints(workdir, read_only=True)
-  if step == 'best':
-    chosen = checkpoints.best_step() or checkpoints.latest_step()
-  elif step == 'selected':
-    record = reports.select_record(writers.read_records(workdir), 'selected', config.best_metric,
-                                   config.dataset.eval_split)
-    if record is None:
-      raise ValueError(f'--step selected: {workdir} holds out no validation part (config.validation.fraction=0)')
-    chosen = record['step']
-  elif step == 'latest':
-    chosen = checkpoints.latest_step()
-  else:
-    if not step.isdigit():
-      raise ValueError(f"--step {step!r}: expected 'best', 'selected', 'latest' or a step number ({workdir} holds "
-                       f'steps {checkpoints.all_steps()})')
-    chosen = int(step)
-    if chosen not in checkpoints.all_steps():
-      raise ValueError(f'--step {chosen}: {workdir} holds steps {checkpoints.all_steps()}')
-  if chosen is None:
-    raise FileNotFoundError(f'{workdir} holds no checkpoint')
-  steps = train.make_steps(config, steps_per_epoch=None)  # evaluation only: no optimizer
-  state = checkpoint_lib.restore_for_evaluation(checkpoints, chosen, steps.abstract_state)
-  checkpoints.close()
+  checkpoints = checkpoint_lib.Checkpoints(workdir, best_metric=config.best_metric, read_only=True)
+  try:
+    chosen = choose_step(checkpoints, step, config, workdir)
+    steps = train.make_steps(config, steps_per_epoch=None)  # evaluation only: no optimizer
+    state = checkpoint_lib.restore_for_evaluation(checkpoints, chosen, steps.abstract_state)
+  finally:
+    checkpoints.close()
   split = split or config.dataset.eval_split
   source = inputs.split_source(config, split)
   result = train.evaluate(steps, state, config, source)
@@ -83,6 +68,52 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
   name = re.sub(r'[^\w-]', '_', split)  # a TFDS slice such as 'test[:50%]' in a file name
   result.update(clip_report.report(steps, state, config, source, os.path.join(workdir, f'clips_{name}_step{chosen}')))
   return result
+
+
+def choose_step(checkpoints, step: str, config: ml_collections.ConfigDict, workdir: str) -> int:
+  """The checkpoint that `--step` names. A checkpoint damaged since it was written (a file truncated or removed,
+  against `checkpoint_files/<step>.json`) is skipped with a warning when the step is implicit (best, selected,
+  latest: the best or newest intact one instead) and fails when named by number. Nothing in the workdir moves."""
+  from dferjax import reports, writers  # pylint: disable=import-outside-toplevel
+  from dferjax.data import validation  # pylint: disable=import-outside-toplevel
+  damaged = checkpoints.damaged_steps()
+  intact = [saved for saved in checkpoints.all_steps() if saved not in damaged]
+  if step.isdigit():
+    chosen = int(step)
+    if chosen not in checkpoints.all_steps():
+      raise ValueError(f'--step {chosen}: {workdir} holds steps {checkpoints.all_steps()}')
+    if chosen in damaged:
+      raise ValueError(f'--step {chosen}: checkpoint {checkpoints.directory}/{chosen} is damaged ({damaged[chosen]}); '
+                       f'the intact steps are {intact}')
+    return chosen
+  if step == 'best':
+    chosen, metric = checkpoints.best_step() or checkpoints.latest_step(), config.best_metric
+  elif step == 'selected':
+    record = reports.select_record(writers.read_records(workdir), 'selected', config.best_metric,
+                                   config.dataset.eval_split)
+    if record is None:
+      raise ValueError(f'--step selected: {workdir} holds out no validation part (config.validation.fraction=0)')
+    chosen, metric = record['step'], validation.checkpoint_metric(config)
+  elif step == 'latest':
+    chosen, metric = checkpoints.latest_step(), None
+  else:
+    raise ValueError(f"--step {step!r}: expected 'best', 'selected', 'latest' or a step number ({workdir} holds "
+                     f'steps {checkpoints.all_steps()})')
+  if chosen is None:
+    raise FileNotFoundError(f'{workdir} holds no checkpoint')
+  if chosen not in damaged:
+    return chosen
+  damage = f'checkpoint {checkpoints.directory}/{chosen} ({step}) is damaged ({damaged[chosen]})'
+  if not intact:
+    raise ValueError(f'{damage}, and no intact checkpoint is left in {checkpoints.directory}')
+  instead = checkpoints.best_step_among(intact, metric) if metric else None
+  if instead is not None:
+    why = f'the best intact one by {metric}'
+  else:
+    instead = max(intact)
+    why = 'the newest intact one' + (f' (no intact checkpoint saved {metric})' if metric else '')
+  sys.stderr.write(f'warning: {damage}: evaluating step {instead}, {why}\n')
+  return instead
 
 
 def main(argv):

@@ -57,7 +57,8 @@ def test_main_expected_errors_are_one_message(tmp_path, case):
 def test_evaluate_bad_step_and_duplicated_folds_are_one_message(tmp_path):
   for fold, name in ((1, 'a'), (1, 'b')):
     (tmp_path / name).mkdir()
-    (tmp_path / name / 'config.json').write_text(json.dumps({'dataset': {'name': f'dfew/fold{fold}_px32'}}))
+    config = {'dataset': {'name': f'dfew/fold{fold}_px32'}, 'best_metric': 'war'}
+    (tmp_path / name / 'config.json').write_text(json.dumps(config))
   _one_error(_run('-m', 'dferjax.evaluate', f'--folds={tmp_path / "a"},{tmp_path / "b"}'),
              f'fold 1 is given twice: {tmp_path / "a"}, {tmp_path / "b"}')
   (tmp_path / 'a' / 'checkpoints').mkdir()
@@ -65,14 +66,24 @@ def test_evaluate_bad_step_and_duplicated_folds_are_one_message(tmp_path):
              "--step 'foo': expected 'best', 'selected', 'latest' or a step number")
 
 
-def test_full_disk_and_unwritable_paths_read_plainly(tmp_path):
+def test_a_full_disk_and_a_file_size_limit_read_alike(tmp_path):
+  """ENOSPC, EDQUOT and EFBIG, as an OSError under another error or in the text of tensorstore's ValueError (the
+  real EFBIG of a save: test_checkpoint_damage), give one message naming the last checkpoint."""
   (tmp_path / 'checkpoints' / '6').mkdir(parents=True)
   (tmp_path / 'checkpoints' / '9.orbax-checkpoint-tmp-1').mkdir()
+  last = f'the last checkpoint is {tmp_path / "checkpoints" / "6"} (the same command resumes from it)'
   wrapped = RuntimeError('save failed')
   wrapped.__cause__ = OSError(errno.ENOSPC, 'No space left on device', str(tmp_path / 'checkpoints' / '9'))
-  message = cli.error_message(wrapped, str(tmp_path))
-  assert message.startswith('no space left on device') and 'stopped' in message
-  assert f'the last checkpoint is {tmp_path / "checkpoints" / "6"}' in message
+  assert cli.error_message(wrapped, str(tmp_path)) == (
+      f'the disk refused a write ({tmp_path / "checkpoints" / "9"}): No space left on device; stopped, {last}. Free '
+      'some space (or raise the file-size limit, ulimit -f) and rerun.')
+  for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    tensorstore = ValueError(f'OUT_OF_RANGE: Error writing local file "/w/checkpoints/9.orbax-checkpoint-tmp/x": '
+                             f"Failed to write 9 bytes to file 3: {os.strerror(code)} [os_error_code='{code}']")
+    assert cli.error_message(tensorstore, str(tmp_path)).startswith(
+        f'the disk refused a write: {os.strerror(code)}; stopped, {last}. Free some space')
+  other = ValueError("NOT_FOUND: Error opening file \"x\": No such file or directory [os_error_code='2']")
+  assert cli.error_message(other, str(tmp_path)) == str(other)
 
 
 def _children(pid):
