@@ -17,8 +17,10 @@ from dferjax import configlib, train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, 'tests', 'tiny_config.py')
 # One XLA compilation cache for every `python -m dferjax.main` the tests start: a run that compiles what an earlier
-# one did loads it (the cache keys on the program and the jax version, so sharing cannot change a result).
-TEST_COMPILATION_CACHE = os.path.join(tempfile.gettempdir(), f'dferjax_tests_xla_cache_{os.getuid()}')
+# one did loads it (the cache keys on the program and the jax version, so sharing cannot change a result). One per
+# pytest-xdist worker: JAX writes an entry in place, and a run of the other worker could read it half-written.
+TEST_COMPILATION_CACHE = os.path.join(tempfile.gettempdir(), f'dferjax_tests_xla_cache_{os.getuid()}'
+                                      f'{os.environ.get("PYTEST_XDIST_WORKER", "")}')
 
 
 @pytest.fixture(scope='module')
