@@ -44,7 +44,8 @@ def main():
       subprocess.run(command, check=True)
   from dferjax import reports  # pylint: disable=import-outside-toplevel
   from tfds_builders.labels import CLASS_NAMES  # pylint: disable=import-outside-toplevel
-  print(reports.fold_report(workdirs, CLASS_NAMES, select_by=args.select_by))
+  print(reports.fold_report(workdirs, CLASS_NAMES, select_by=args.select_by,
+                            fold_names=[f'fold{k}' for k in folds]))  # fold k is <workdir>_fold<k>, wherever listed
 
 
 if __name__ == '__main__':

@@ -220,6 +220,11 @@ def test_run_folds_collects_a_table_in_the_papers_layout(tmp_path, data_dir):
           if json.loads(line)['split'] == 'test']
   assert 'mean' in output and 'UAR' in output and 'WAR' in output
   assert f'{100 * np.mean(wars):.2f}' in output
+  output = subprocess.run(  # a subset of folds keeps their names
+      [sys.executable, os.path.join(REPO, 'scripts', 'run_folds.py'), f'--config={TINY_CONFIG}',
+       f'--workdir={tmp_path / "stt"}', '--folds=2', '--collect_only'],
+      cwd=REPO, capture_output=True, text=True, check=True).stdout
+  assert 'fold2' in output and 'fold1' not in output, output
 
 
 def test_ctrl_c_stops_within_seconds_naming_the_last_checkpoint(tmp_path, data_dir):
