@@ -27,8 +27,20 @@
 #     opt_argmax_pool   max_pool_impl=argmax: ReLU after the pool, gradient from the forward's argmax
 #     opt_fused_norm    norm_impl=fused: BN/LN with a hand-written two-reduction backward pass
 #     opt_cudnn_pad8, opt_cudnn_pad32   cuDNN attention at 56/24 and 64/32 tokens
-# STAGES="..." picks stages (default: the first five, in this order). All stages together stop after $BUDGET
-# seconds (default 560): a late stage gets what is left, or is skipped.
+#   Issue 17 item 4, the whole trainer against its train step alone:
+#     e2e               scripts/bench_e2e.py: a synthetic DFEW-layout dataset (700 clips, fold 1 as 112-px JPEG
+#                       frames, written and built on all cores under /tmp/dferjax_e2e, reused), `python -m
+#                       dferjax.main` on it (paper STT, bf16, batch 128, 1000 steps as one epoch, random init), its
+#                       clips/s beside the device-only figure of $OUT/bf16_b128.json (measured in the stage when
+#                       that is absent): `e2e: trainer N clips/s, device-only M clips/s, gap X %`, $OUT/e2e.json.
+#                       E2E_THREADS, E2E_PREFETCH, E2E_PROGRESS_BAR, E2E_ENCODING, E2E_STEPS set the trainer's
+#                       input (defaults: the config's, below); ~3-4 min, limit E2E_LIMIT (300 s)
+#   Issue 17 item 5, each other model at its paper batch against its PyTorch transcription (see model_stage):
+#     models            model_nr_dfernet model_aen model_ceflnet model_est: bf16 vs PyTorch eager, ~6 min
+#     models_fp32       model_<m>_fp32: float32 vs PyTorch eager, ~6 min
+#     models_compile    model_<m>_compile: bf16 vs torch.compile, limits summing to ~16 min (run after `models`)
+# STAGES="..." picks stages and groups (default: the first five, in this order). All stages together stop after
+# $BUDGET seconds (default 560): a late stage gets what is left, or is skipped.
 # A host without the project's dependencies (a bare GPU image) may carry them as wheels in .whl/ (grain,
 # ml_collections, ...; .whl/fallback/ holds flax/optax/orbax used only if the host's own fail to import).
 set -u
@@ -65,18 +77,50 @@ print('dferjax imports')
 EOF
 } 2>&1 | tee -a "$LOG"
 
-stage() {  # stage NAME LIMIT_S ARGS...: one bench_train.py run, its JSON at $OUT/NAME.json
-  local name=$1 limit=$2 json
+limited() {  # limited NAME LIMIT_S COMMAND...: COMMAND under the stage's limit, cut to what is left of BUDGET
+  local name=$1 limit=$2
   shift 2
   local left=$((START + BUDGET - $(date +%s)))
   if [ "$left" -lt 30 ]; then echo "== $name: skipped, ${left}s of the budget left" | tee -a "$LOG"; return; fi
   [ "$left" -lt "$limit" ] && limit=$left
+  echo "== $name: start $(date -u +%T), limit ${limit}s: $*" | tee -a "$LOG"
+  timeout -k 15 "$limit" "$@" >> "$LOG" 2>&1
+  echo "== $name: exit $? at $(date -u +%T)" | tee -a "$LOG"
+}
+
+stage() {  # stage NAME LIMIT_S ARGS...: one bench_train.py run, its JSON at $OUT/NAME.json
+  local name=$1 limit=$2 json
+  shift 2
   json="$OUT/$name.json"
   [ "$name" = profile ] && json=/tmp/dferjax_profile.json
-  echo "== $name: start $(date -u +%T), limit ${limit}s: $*" | tee -a "$LOG"
-  timeout -k 15 "$limit" $PYTHON scripts/bench_train.py --model="$MODEL" --compilation_cache="$CACHE" \
-    --out="$json" "$@" >> "$LOG" 2>&1
-  echo "== $name: exit $? at $(date -u +%T)" | tee -a "$LOG"
+  limited "$name" "$limit" $PYTHON scripts/bench_train.py --model="$MODEL" --compilation_cache="$CACHE" \
+    --out="$json" "$@"
+}
+
+# Issue 17 item 5: each model's paper config at the paper's batch (its config's batch_size) against its PyTorch
+# transcription, 10 timed steps (2 warm-up). Three stages per model, so that a run cut short keeps whole JSONs
+# (bench_train.py writes its report at the end) and the cheap comparison comes first:
+#   model_<m>          bf16 vs PyTorch eager AMP (group `models`)
+#   model_<m>_fp32     float32 (TF32 on both sides) vs PyTorch eager (group `models_fp32`)
+#   model_<m>_compile  bf16 vs torch.compile (group `models_compile`); the dferjax step loads from the compilation
+#                      cache that model_<m> filled, so the extra time is torch.compile's (STT: 50 s train + 19 s eval)
+# The limits are for cold compiles on an H200, scaled from STT's (dferjax 25 s at batch 32, docs/performance.md):
+# about 35-45 s for the dferjax worker, 15 s each for the CPU FLOP count and PyTorch eager, which with the
+# 224-px models' larger programs (CEFLNet, EST: 35 frames, a full ResNet18) makes `models` about 6 minutes.
+# Cut to fit that: float32 and torch.compile (their own groups), the largest-batch search, and timed steps
+# (bench_train.py's 20 + 3 -> 10 + 2).
+declare -A MODEL_LIMITS=([nr_dfernet]=80 [aen]=90 [ceflnet]=100 [est]=100 [stt]=80)
+model_stage() {  # model_stage model_<m>[_fp32|_compile]
+  local model=${1#model_} dtype=bfloat16 torch=eager extra=0 batch
+  case $model in
+    *_fp32) model=${model%_fp32}; dtype=float32 ;;
+    *_compile) model=${model%_compile}; torch=compile; extra=150 ;;
+  esac
+  if [ -z "${MODEL_LIMITS[$model]:-}" ]; then echo "unknown stage $1" | tee -a "$LOG"; return; fi
+  batch=$($PYTHON -c "from configs import ${model}_dfew as c; print(c.get_config().batch_size)" 2>> "$LOG")
+  if [ -z "$batch" ]; then echo "== $1: no batch_size from configs/${model}_dfew.py" | tee -a "$LOG"; return; fi
+  stage "$1" $((MODEL_LIMITS[$model] + extra)) --model_name="$model" --dtypes="$dtype" --batch_sizes="$batch" \
+    --torch="$torch" --nomax_batch --steps=10 --warmup=2 --window=5
 }
 
 run_stage() {
@@ -109,13 +153,34 @@ run_stage() {
       esac
       stage "$1" 80 --dtypes=bfloat16 --batch_sizes=128 --torch=none --nomax_batch --steps=10 --warmup=2 --window=5 \
         "${option[@]}" ;;
+    model_*) model_stage "$1" ;;
+    e2e)  # issue 17 item 4: the whole trainer on a synthetic dataset vs its train step alone (scripts/bench_e2e.py)
+      limited e2e "$E2E_LIMIT" $PYTHON scripts/bench_e2e.py --model="$MODEL" --compilation_cache="$CACHE" \
+        --device_json="$OUT/bf16_b128.json" --out="$OUT/e2e.json" --num_threads="$E2E_THREADS" \
+        --prefetch="$E2E_PREFETCH" --progress_bar="$E2E_PROGRESS_BAR" ${E2E_STEPS:+--steps=$E2E_STEPS} \
+        ${E2E_ENCODING:+--frame_encoding=$E2E_ENCODING} ;;
     *) echo "unknown stage $1" | tee -a "$LOG" ;;
   esac
 }
-ISSUE17="opt_base opt_pallas opt_cudnn_pad2 opt_heads_first opt_s2d opt_argmax_pool opt_fused_norm"
-ISSUE17+=" opt_cudnn_pad8 opt_cudnn_pad32"
+# The e2e stage's input-pipeline settings (the trainer's defaults unless set; see scripts/bench_e2e.py):
+E2E_THREADS=${E2E_THREADS:-0}  # config.input.num_threads, 0: the config's 8; a list (8,16) runs the trainer per value
+E2E_PREFETCH=${E2E_PREFETCH:-0}  # config.input.prefetch, 0: the config's 4 batches
+E2E_PROGRESS_BAR=${E2E_PROGRESS_BAR:-true}  # false: no per-step wait for the bar
+E2E_STEPS=${E2E_STEPS:-}  # trainer steps (bench_e2e.py's default: 1000, the benchmark's steps_per_epoch)
+E2E_ENCODING=${E2E_ENCODING:-}  # raw: uint8 frames instead of JPEG (a dataset of its own)
+E2E_LIMIT=${E2E_LIMIT:-300}  # dataset < 1 min on 16 cores, trainer 2-3 min; more for several E2E_THREADS
+
+declare -A STAGE_GROUPS=(
+  [issue17]="opt_base opt_pallas opt_cudnn_pad2 opt_heads_first opt_s2d opt_argmax_pool opt_fused_norm
+             opt_cudnn_pad8 opt_cudnn_pad32"
+  [models]="model_nr_dfernet model_aen model_ceflnet model_est"
+  [models_fp32]="model_nr_dfernet_fp32 model_aen_fp32 model_ceflnet_fp32 model_est_fp32"
+  [models_compile]="model_nr_dfernet_compile model_aen_compile model_ceflnet_compile model_est_compile"
+)
 STAGES=${STAGES:-bf16_b128 bf16_eager profile fp32_eager bf16_cudnn}
-for name in ${STAGES/issue17/$ISSUE17}; do run_stage "$name"; done
+for group in $STAGES; do
+  for name in ${STAGE_GROUPS[$group]:-$group}; do run_stage "$name"; done
+done
 
 echo "== summary" | tee -a "$LOG"
-grep -E '^(dferjax|torch) .*(clips/s|memory|Error)|^== |^\| |^STT \(|^largest' "$LOG"
+grep -E '^(dferjax|torch) .*(clips/s|memory|Error)|^== |^\| |^[A-Z_]+ \((paper|tiny)\)|^largest|^e2e: ' "$LOG"

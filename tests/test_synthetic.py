@@ -57,8 +57,8 @@ def test_dfew_layout_frames_and_csvs(dfew_tree):
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
-  for name, seed in (('a', 3), ('b', 3), ('c', 4)):
-    synthetic.write_dfew(tmp_path / name, 1, seed=seed)
+  for name, seed, workers in (('a', 3, 1), ('b', 3, 3), ('c', 4, 1)):  # 'b' on threads: the same files
+    synthetic.write_dfew(tmp_path / name, 1, seed=seed, workers=workers)
   first, second, other = (_tree(tmp_path / name) for name in 'abc')
   assert first == second
   frames = [name for name in first if name.endswith('.jpg')]

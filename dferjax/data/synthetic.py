@@ -19,6 +19,7 @@ Run:
 then build with `python scripts/build_dataset.py --dataset dfew --manual_dir /tmp/dfew_synth ...`.
 """
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -248,11 +249,12 @@ def dfew_folds(labels, seed: int, num_folds: int = NUM_FOLDS) -> np.ndarray:
 
 
 def write_dfew(out, clips_per_class: int = 20, seed: int = 0, *, split_folder_spelling: str = 'single-labeled',
-               motions: str = 'time_reversed') -> list[dict]:
+               motions: str = 'time_reversed', workers: int = 1) -> list[dict]:
   """DFEW layout under `out`; returns one dict per clip (clip_id, label 0..6, num_frames, test_fold 1..5).
 
   out/Clip/clip_224x224/<00001>/<00001>_<00001>.jpg ...
   out/EmoLabel_DataSplit/{train,test}(<spelling>)/set_{1..5}.csv   rows `video_name,label` (label 1..7)
+  workers: clips drawn and encoded on this many threads (cv2 releases the GIL); the files do not change.
   """
   if split_folder_spelling not in ('single-labeled', 'single_labeled'):
     raise ValueError(f'split_folder_spelling {split_folder_spelling!r} not in (single-labeled, single_labeled)')
@@ -261,12 +263,16 @@ def write_dfew(out, clips_per_class: int = 20, seed: int = 0, *, split_folder_sp
   labels = np.repeat(np.arange(len(CLASS_NAMES)), clips_per_class)
   ids = np.random.default_rng([seed, 4]).permutation(len(labels)) + 1  # ids do not give away the class
   folds = dfew_folds(labels, seed)
-  clips = []
-  for k, (label, clip_number) in enumerate(zip(labels, ids)):
-    clip_id = f'{clip_number:05d}'
-    num_frames = _write_clip(out / 'Clip' / 'clip_224x224' / clip_id, 'dfew', 'all', int(label),
-                             k % clips_per_class, seed, lambda i, c=clip_id: f'{c}_{i:05d}.jpg', motions)
-    clips.append({'clip_id': clip_id, 'label': int(label), 'num_frames': num_frames, 'test_fold': int(folds[k]) + 1})
+  clip_ids = [f'{clip_number:05d}' for clip_number in ids]
+
+  def write(k):
+    return _write_clip(out / 'Clip' / 'clip_224x224' / clip_ids[k], 'dfew', 'all', int(labels[k]),
+                       k % clips_per_class, seed, lambda i: f'{clip_ids[k]}_{i:05d}.jpg', motions)
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    num_frames = list(pool.map(write, range(len(labels))))
+  clips = [{'clip_id': clip_ids[k], 'label': int(labels[k]), 'num_frames': num_frames[k],
+            'test_fold': int(folds[k]) + 1} for k in range(len(labels))]
   clips.sort(key=lambda clip: clip['clip_id'])
   for split in ('train', 'test'):
     folder = out / 'EmoLabel_DataSplit' / f'{split}({split_folder_spelling})'
