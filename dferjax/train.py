@@ -356,13 +356,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpo
 
   progress = progress_bar(step)
   try:
+    batch = None
     while step < total_steps:
-      batch = sharding.to_global(next(train_iter), steps.batch_sharding)
+      if batch is None:
+        batch = sharding.to_global(next(train_iter), steps.batch_sharding)
       state, accumulator = steps.train(state, accumulator, batch)
       step += 1
-      progress.update(wait_for=accumulator)  # clips/s of finished steps; waits only while the bar is shown
       end_of_epoch = step % steps_per_epoch == 0
       checkpoint_now = end_of_epoch or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+      # The next batch is read and sent while this step runs (the bar and the logs wait for it), except before a
+      # save: the saved iterator state is then that of the batches trained on.
+      batch = None if checkpoint_now or step == total_steps else sharding.to_global(next(train_iter),
+                                                                                  steps.batch_sharding)
+      progress.update(wait_for=accumulator)  # clips/s of finished steps; waits only while the bar is shown
       if end_of_epoch or checkpoint_now or step % config.log_every_steps == 0:
         checkpoints.check_for_errors()  # a save that failed (full disk) stops the run here, not an epoch later
         train_metrics = epoch_totals.add(fetch_train_sums(accumulator, step))

@@ -106,6 +106,11 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, data_dir):
   epochs = [json.loads(line)['epoch'] for line in open(tmp_path / 'killed' / 'metrics.jsonl')
             if json.loads(line)['split'] == 'test']
   assert epochs == [1, 2, 3]  # no duplicated or lost epochs after the restart
+  # The trainer reads the next batch while a step runs, but not past a save: each checkpoint's iterator state is
+  # that of the batches its step trained on (4 clips each).
+  for name in (name for name in os.listdir(tmp_path / 'killed' / 'checkpoints') if name.isdigit()):
+    state = json.load(open(tmp_path / 'killed' / 'checkpoints' / name / 'data' / 'process_0-of-1.json'))
+    assert state == {'next_index': 4 * int(name)}, name
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
