@@ -85,3 +85,21 @@ def test_a_bucket_url_as_workdir_or_data_dir_stops_before_anything_is_written(tm
   with pytest.raises(ValueError, match=r"config.dataset.data_dir='s3://bucket/data': ArrayRecord"):
     inputs.data_dir(config)
   assert inputs.data_dir(test_train.tiny_config('/mnt/gcs/data')) == '/mnt/gcs/data'  # a mounted bucket is a path
+
+
+def test_tpu_pod_script_sends_the_same_command_to_every_worker(tmp_path):
+  """scripts/launch/tpu_pod.sh with a `gcloud` that records its arguments: every worker, the command with
+  --distributed and each extra flag quoted (the script cannot run for real without a pod)."""
+  fake = tmp_path / 'gcloud'
+  fake.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$GCLOUD_ARGS"\n')
+  fake.chmod(0o755)
+  env = dict(os.environ, PATH=f'{tmp_path}{os.pathsep}{os.environ["PATH"]}', GCLOUD_ARGS=str(tmp_path / 'args'),
+             TPU='pod', ZONE='us-east5-a')
+  subprocess.run(['bash', 'scripts/launch/tpu_pod.sh', 'configs/stt_dfew.py:fold=2', '/mnt/runs/stt 2',
+                  '--config.dataset.data_dir=/mnt/data'], cwd=REPO, env=env, check=True, timeout=30)
+  args = (tmp_path / 'args').read_text().splitlines()
+  assert args[:5] == ['compute', 'tpus', 'tpu-vm', 'ssh', 'pod'] and '--zone=us-east5-a' in args
+  assert '--worker=all' in args
+  command, = (arg[len('--command='):] for arg in args if arg.startswith('--command='))
+  assert command == ('cd ~/dferjax && . .venv/bin/activate && python -m dferjax.main --distributed '
+                     "--config=configs/stt_dfew.py:fold=2 --workdir=/mnt/runs/stt\\ 2 --config.dataset.data_dir=/mnt/data")
