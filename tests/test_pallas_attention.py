@@ -1,6 +1,7 @@
 """attention_impl='pallas': the kernels (interpret mode on CPU, so their own code) against float64 numpy and
 jax.nn.dot_product_attention, inside a tiny STT, and lowered to Triton for CUDA without a GPU."""
 import os
+import re
 from functools import partial
 
 import jax
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dferjax import configlib, models
+from dferjax import configlib, models, sharding
 from dferjax.models import layers, pallas_attention
 
 TINY_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tiny_config.py')
@@ -114,6 +115,38 @@ def test_stt_with_pallas_attention_matches_default():
     for key in path:
       want_grad = want_grad[key.key]
     np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def _collectives(hlo_text):
+  return {op: len(re.findall(rf'= \S+ {op}(-start)?\(', hlo_text))
+          for op in ('all-gather', 'all-to-all', 'collective-permute', 'all-reduce')}
+
+
+@pytest.mark.parametrize('spec', [jax.sharding.PartitionSpec('data'),  # the trainer's batch sharding
+                                  jax.sharding.PartitionSpec(None, None, 'data')])  # heads
+def test_sharded_batch_or_heads_runs_per_device_without_collectives(spec):
+  """The value and gradient jitted over 2 devices: equal to one device's, and each device runs the kernels on its
+  own sequences or heads. Without the custom partitioning every operand was all-gathered (3 in the forward, 6 in
+  value_and_grad); the one all-reduce left is the loss's sum, as in jax.nn.dot_product_attention's program."""
+  assert jax.device_count() == 2, 'conftest.py asks for 2 host devices'
+  in_sharding = jax.sharding.NamedSharding(sharding.make_mesh(), spec)
+  *operands, out_grad = _inputs(17, 12, seed=7)  # [2, 17, 2, 12]: batch and heads both split in two
+  query, key, value = (jax.device_put(jnp.float32(x), in_sharding) for x in operands)
+  loss = lambda attention, *operands: (attention(*operands) * jnp.float32(out_grad)).sum()
+  value_and_grad = lambda attention: jax.value_and_grad(partial(loss, attention), argnums=(0, 1, 2))
+  sharded = lambda attention: jax.jit(value_and_grad(attention), in_shardings=(in_sharding,) * 3)
+  want = jax.jit(value_and_grad(pallas_attention.attention))(*map(np.float32, operands))  # one device
+  got = sharded(pallas_attention.attention)(query, key, value)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for name, got_grad, want_grad in zip('qkv', got[1], want[1]):
+    assert got_grad.sharding.is_equivalent_to(in_sharding, 4), name
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-6, err_msg=f'd{name}')
+  hlo, xla_hlo = (sharded(attention).lower(query, key, value).compile().as_text()
+                  for attention in (pallas_attention.attention, jax.nn.dot_product_attention))
+  local_shape = 'f32[1,32,2,16]' if spec == jax.sharding.PartitionSpec('data') else 'f32[2,32,1,16]'
+  assert local_shape in hlo  # the padded operands the kernels see: half the batch or half the heads
+  assert _collectives(hlo) == _collectives(xla_hlo) == {
+      'all-gather': 0, 'all-to-all': 0, 'collective-permute': 0, 'all-reduce': 1}
 
 
 def test_lowers_to_triton_for_cuda_without_a_gpu():

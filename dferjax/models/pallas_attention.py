@@ -14,6 +14,13 @@ sliced off (zero-padded q and k columns add nothing to q k^T).
 Backend: `jax.lax.platform_dependent` picks the compiled Triton kernels where the computation is lowered for
 CUDA or ROCm, and the same kernels under `interpret=True` (plain XLA, slow) anywhere else: the CPU tests run
 the kernel code itself, and `jax.export(..., platforms=['cuda'])` on a CPU-only host lowers the Triton one.
+
+Several devices: XLA's SPMD partitioner cannot see into the Triton custom call (nor, usefully, into the interpreter's
+loop), so left alone it would all-gather every operand and run the kernels on the whole batch on every device.
+The forward and backward calls are therefore `jax.experimental.custom_partitioning` ops with a Shardy sharding
+rule: batch and heads keep the operands' sharding (the trainer's `P('data')` batch), tokens and head_dim are
+replicated if sharded, and each device runs the kernels on its own sequences and heads with no collective.
+On one device the calls lower as they are.
 """
 import math
 from functools import partial
@@ -22,7 +29,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 # A finite "minus infinity" for masked logits: exp(_MASKED - row max) is exactly 0 in float32, and unlike -inf it
 # cannot produce inf - inf = nan.
@@ -69,7 +78,7 @@ def _block_specs(shape):
           pl.BlockSpec((None, None, tokens), lambda b, h: (b, h, 0)))
 
 
-def _forward_call(query, key, value, num_tokens, scale):
+def _forward_kernel_call(query, key, value, num_tokens, scale):
   """The forward kernel -> (out like query, log-sum-exp [batch, heads, tokens] float32)."""
   batch, tokens, heads, _ = query.shape
   sequence, row_stats = _block_specs(query.shape)
@@ -88,11 +97,18 @@ def _padded_attention_fwd(query, key, value, num_tokens, scale):
 
 
 def _padded_attention_bwd(num_tokens, scale, residuals, out_grad):
-  """The backward kernel -> (dq, dk, dv)."""
   query, key, value, out, log_sum_exp = residuals
+  return _backward_call(query, key, value, out, out_grad.astype(query.dtype), log_sum_exp, num_tokens, scale)
+
+
+_padded_attention.defvjp(_padded_attention_fwd, _padded_attention_bwd)
+
+
+def _backward_kernel_call(query, key, value, out, out_grad, log_sum_exp, num_tokens, scale):
+  """The backward kernel -> (dq, dk, dv)."""
   batch, _, heads, _ = query.shape
   sequence, row_stats = _block_specs(query.shape)
-  operands = (query, key, value, out, out_grad.astype(query.dtype), log_sum_exp)
+  operands = (query, key, value, out, out_grad, log_sum_exp)
   call = lambda interpret: pl.pallas_call(
       partial(_backward_kernel, num_tokens=num_tokens, scale=scale),
       out_shape=(jax.ShapeDtypeStruct(query.shape, query.dtype),) * 3,
@@ -101,7 +117,31 @@ def _padded_attention_bwd(num_tokens, scale, residuals, out_grad):
   return _on_platform(call, *operands)
 
 
-_padded_attention.defvjp(_padded_attention_fwd, _padded_attention_bwd)
+def _partitioned_by_sequence_and_head(kernel_call, num_operands, sharding_rule):
+  """kernel_call(*operands, num_tokens, scale) as a custom_partitioning op: each (sequence, head) is computed
+  apart, so batch and heads keep query's sharding, tokens and head_dim are made whole (Shardy's need_replication
+  factors), and each device runs kernel_call on its [batch / shards, tokens, heads / shards, head_dim] block."""
+  partitioned = custom_partitioning(kernel_call, static_argnums=(num_operands, num_operands + 1))
+
+  def partition(num_tokens, scale, mesh, operand_shapes, result_shapes):
+    spec = operand_shapes[0].sharding.spec  # query's
+    batch_axes, head_axes = (spec[axis] if axis < len(spec) else None for axis in (0, 2))
+    sequence = NamedSharding(mesh, P(batch_axes, None, head_axes, None))  # [batch, tokens, heads, head_dim]
+    row_stats = NamedSharding(mesh, P(batch_axes, head_axes, None))  # log-sum-exp [batch, heads, tokens]
+    sharding = lambda shape: sequence if len(shape.shape) == 4 else row_stats
+    lower = lambda *operands: kernel_call(*operands, num_tokens, scale)
+    return mesh, lower, tuple(map(sharding, result_shapes)), tuple(map(sharding, operand_shapes))
+
+  partitioned.def_partition(partition, sharding_rule=sharding_rule, need_replication_factors=('tokens', 'head_dim'))
+  return partitioned
+
+
+_sequence = 'batch tokens heads head_dim'
+_row_stats = 'batch heads tokens'
+_forward_call = _partitioned_by_sequence_and_head(
+    _forward_kernel_call, 3, f'{_sequence}, {_sequence}, {_sequence} -> {_sequence}, {_row_stats}')
+_backward_call = _partitioned_by_sequence_and_head(
+    _backward_kernel_call, 6, f'{", ".join([_sequence] * 5)}, {_row_stats} -> {_sequence}, {_sequence}, {_sequence}')
 
 
 def _on_platform(call, *operands):
