@@ -107,7 +107,7 @@ class Checkpoints:
     naming it), before any process opens the manager, so resume and `best_step` see only intact ones."""
     if jax.process_index() == 0 and os.path.isdir(self.directory):
       steps = sorted((int(name) for name in os.listdir(self.directory) if name.isdigit()), reverse=True)
-      damaged = {step: why for step in steps if (why := checkpoint_damage(self.directory, self.files_directory, step))}
+      damaged = self._damage(steps)  # the manager is not open yet: the steps on disk
       intact = [step for step in steps if step not in damaged]
       for step, why in damaged.items():
         target = os.path.join(self.directory, f'{step}.damaged')
@@ -149,8 +149,10 @@ class Checkpoints:
 
   def damaged_steps(self) -> dict[int, str]:
     """{step: what is wrong} for the checkpoints whose files differ from their file lists (nothing is moved)."""
-    return {step: why for step in self.all_steps()
-            if (why := checkpoint_damage(self.directory, self.files_directory, step))}
+    return self._damage(self.all_steps())
+
+  def _damage(self, steps) -> dict[int, str]:
+    return {step: why for step in steps if (why := checkpoint_damage(self.directory, self.files_directory, step))}
 
   def best_step_among(self, steps, metric: str) -> int | None:
     """Of `steps`, the one whose saved metrics hold the highest `metric`, the latest on ties (as Orbax's best);
