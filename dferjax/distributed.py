@@ -92,12 +92,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   Kubernetes JobSet/Indexed Job, Cloud TPU pods). CPU processes use JAX's default gloo collectives."""
   import jax  # pylint: disable=import-outside-toplevel
   explicit = resolve(coordinator_address, num_processes, process_id)
-  if (device_ids := local_device_ids(local_devices)) is not None:
-    explicit['local_device_ids'] = device_ids
+  device_ids = local_device_ids(local_devices)
   try:
-    jax.distributed.initialize(**explicit)
+    jax.distributed.initialize(**explicit, **({} if device_ids is None else {'local_device_ids': device_ids}))
   except ValueError as error:  # JAX's 'Number of processes must be defined' names no flag
-    if set(explicit) - {'local_device_ids'}:
+    if explicit:
       raise
     raise ValueError(f'--distributed found no cluster to join ({error}): outside SLURM, Open MPI, Kubernetes or '
                      'a Cloud TPU pod give --coordinator_address, --num_processes and --process_id (or '
