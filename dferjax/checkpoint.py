@@ -1,7 +1,7 @@
 """Checkpoints of a run: the only module that talks to Orbax.
 
-One `CheckpointManager` per workdir keeps the train state, the grain iterator state (so a restart resumes at
-the exact batch) and the config; it keeps the latest `keep` checkpoints plus the best one by an eval metric.
+One `CheckpointManager` per workdir keeps the train state, each host's input position (a record: the restart
+continues at the batch its step says) and the config; it keeps the latest `keep` checkpoints plus the best one by an eval metric.
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed mid-save
 leaves the previous checkpoints readable and the half-written one ignored.
 
@@ -205,14 +205,12 @@ class Checkpoints:
   def saved_config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
-  def restore(self, step: int, abstract_state, data_iterator=None):
-    """Restores the train state (and the iterator in place) after checking the saved tree matches."""
+  def restore(self, step: int, abstract_state):
+    """Restores the train state after checking the saved tree matches."""
     check_compatible(self.saved_shapes(step), abstract_shapes(abstract_state),
                      what=f'checkpoint {self.directory}/{step}')
-    args = {'state': ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-      args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self.manager.restore(step, args=ocp.args.Composite(**args)).state
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    return self.manager.restore(step, args=args).state
 
   def restore_arrays(self, step: int) -> dict[str, Any]:
     """The saved train state as a plain tree of host numpy arrays (to start another run from it)."""
@@ -316,7 +314,7 @@ def check_starting_point(config):
 # experiments in one workdir.
 RESUMABLE_FIELDS = ('num_epochs', 'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
                     'keep_checkpoints', 'progress_bar', 'eval_batch_size', 'dataset.data_dir', 'input.num_threads',
-                    'input.prefetch')
+                    'input.num_workers', 'input.prefetch')
 
 
 # Fields added after runs were saved, at the value that behaves as those runs did: such a run still resumes.

@@ -404,6 +404,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpo
         checkpoints.save(step, state, train_iter, config_json)
   finally:
     progress.close()
+    train_iter.close()  # its worker processes, if any
     checkpoints.wait()
   if not last_eval:  # resumed after the last epoch's checkpoint: evaluate what was trained
     last_eval = evaluate(steps, state, config, eval_source)

@@ -1,5 +1,6 @@
 """Augmentations and grain pipelines on in-memory sources (JPEG-bytes and raw frames), tiny sizes."""
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -241,6 +242,30 @@ def test_train_batches_shapes_and_determinism():
   assert snippets[0]['video'].shape == (4, 35, 16, 16, 3)
 
 
+def test_worker_processes_make_the_same_batches():
+  """num_workers > 0: whole batches made in spawned processes, read round-robin: the threads' batches, from any
+  start batch; a worker's error reaches the caller as itself; close() ends the processes."""
+  jpeg_source, _ = make_sources(num_clips=7, lengths=[20, 3, 30, 9, 16, 25, 12])
+  kwargs = dict(sampler='segments', augment='nr_dfernet', image_size=16, batch_size=3, seed=4, num_threads=2,
+                prefetch=2, transforms={'draw_permutation': {'num_permutations': 10}})
+  threads = take(pipeline.train_dataset(jpeg_source, **kwargs), 5)
+  workers = pipeline.TrainIterator(pipeline.train_dataset(jpeg_source, num_workers=2, start_batch=2, **kwargs), 2, 3)
+  assert_batches_equal(threads[2:], [next(workers) for _ in range(3)])
+  assert json.loads(workers.get_state()) == {'next_index': 15}
+  assert multiprocessing.active_children()
+  workers.close()
+  assert not multiprocessing.active_children()
+  with pytest.raises(ValueError, match='num_workers=-1'):
+    pipeline.train_dataset(jpeg_source, num_workers=-1, **kwargs)
+  corrupt = [dict(record, frames=[b'not a jpeg'] * record['num_frames']) if i == 3 else record
+             for i, record in enumerate(jpeg_source)]
+  failing = pipeline.TrainIterator(pipeline.train_dataset(corrupt, num_workers=2, **kwargs), 0, 3)
+  with pytest.raises(ValueError, match="clip '00003'.*not a decodable image"):
+    for _ in range(5):
+      next(failing)
+  failing.close()
+
+
 def test_every_record_appears_once_per_epoch():
   source = id_source(10)
   batches = take(pipeline.train_dataset(source, augment='none', image_size=8, batch_size=5, seed=0,
@@ -302,7 +327,8 @@ def test_hosts_read_disjoint_slices_of_the_same_global_batches(class_balanced):
     for step, global_batch in enumerate(one):
       for field in global_batch:
         np.testing.assert_array_equal(np.concatenate([host[step][field] for host in slices]), global_batch[field])
-    later = next(pipeline.iterator_at(pipeline.train_dataset(source, shard_index=1, **local), 3, 6 // hosts))
+    later = next(pipeline.TrainIterator(pipeline.train_dataset(source, shard_index=1, start_batch=3, **local), 3,
+                                        6 // hosts))
     np.testing.assert_array_equal(later['video'], slices[1][3]['video'])
   if not class_balanced:  # each epoch of 9 records read once, in a new order
     ids = [int(v) - 1 for b in one for v in b['video'][:, 0, 0, 0, 0]]

@@ -67,8 +67,9 @@ def train_iterator(config: ml_collections.ConfigDict, source, local_batch_size: 
       image_size=config.input.image_size, batch_size=local_batch_size, seed=config.seed,
       shard_index=jax.process_index(), shard_count=jax.process_count(),
       class_balanced=config.input.class_balanced, num_threads=config.input.num_threads,
-      prefetch=config.input.prefetch, transforms=config.input.transforms.to_dict())
-  return pipeline.iterator_at(dataset, start_step, local_batch_size)
+      prefetch=config.input.prefetch, transforms=config.input.transforms.to_dict(),
+      num_workers=config.input.num_workers, start_batch=start_step)
+  return pipeline.TrainIterator(dataset, start_step, local_batch_size)
 
 
 def eval_iterator(config: ml_collections.ConfigDict, source, local_batch_size: int):
@@ -76,4 +77,4 @@ def eval_iterator(config: ml_collections.ConfigDict, source, local_batch_size: i
   return pipeline.eval_batches(
       source, sampler=config.input.sampler.to_dict(), image_size=config.input.image_size,
       batch_size=local_batch_size, shard_index=jax.process_index(), shard_count=jax.process_count(),
-      transforms=config.input.transforms.to_dict())
+      num_threads=config.input.num_threads, transforms=config.input.transforms.to_dict())

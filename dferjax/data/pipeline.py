@@ -9,17 +9,19 @@ Stages (each a grain transform, usable alone): ReadRecord (index -> record) -> S
 only the sampled frames, still encoded) -> DecodeFrames (JPEG -> uint8 RGB, only those frames) -> Augment
 (recipe of dferjax.data.augment) -> ToBatchFields -> clip transforms (CLIP_TRANSFORMS, configured by
 `config.input.transforms`, which may add batch fields). Random stages draw from grain's per-position generators, so
-a seed and a step always give the same batch, whatever the thread count, and the iterator state (a position)
-restores the exact next batch.
+a seed and a step always give the same batch, whatever the thread or worker process count, and a batch index
+(start_batch) gives the exact batches from there on.
 
     it = iter(train_dataset(source, sampler={'name': 'segments'}, augment='stt', image_size=112, batch_size=32, seed=0))
-    batch = next(it); state = it.get_state()  # JSON-able; or grain.checkpoint.CheckpointSave(it) in orbax
+    it = TrainIterator(train_dataset(..., num_workers=8, start_batch=k), k, 32)  # from batch k, in 8 processes
     for batch in eval_batches(source, image_size=112, batch_size=64): ...  # 'mask' False on padding rows
 """
 import dataclasses
+import json
 import math
 from typing import Any
 
+from absl import flags
 import cv2
 import grain
 import numpy as np
@@ -257,7 +259,7 @@ def _train_stages(records: grain.MapDataset, source, sampler: Sampler, recipe: s
 def train_dataset(source, *, sampler='segments', augment: str = 'stt', image_size: int = 112, batch_size: int,
                   seed: int, shard_index: int = 0, shard_count: int = 1, class_balanced: bool = False,
                   labels=None, interpolation: str = 'antialias', num_threads: int = 8,
-                  prefetch: int = 4, transforms=None) -> grain.IterDataset:
+                  prefetch: int = 4, transforms=None, num_workers: int = 0, start_batch: int = 0) -> grain.IterDataset:
   """Infinite training batches, this host's slice of each global batch: uint8 video [batch_size, F, image_size,
   image_size, 3].
 
@@ -265,11 +267,13 @@ def train_dataset(source, *, sampler='segments', augment: str = 'stt', image_siz
   draws), with random offsets and `augment` drawn per global position. Global batch k is positions
   k * G .. (k + 1) * G - 1, G = batch_size * shard_count; host `shard_index` (jax.process_index) reads its
   consecutive `batch_size` of them. So the global batches, and the model trained, do not depend on the number
-  of hosts, and after k batches a host of any count resumes at batch k (iterator_at).
+  of hosts, and after k batches a host of any count resumes at batch k (start_batch=k).
   sampler: a sampler, its name, or `{name, **fields}` (sampling.make_sampler).
   class_balanced: labels [len(source)] if given, else read once from the source (see read_labels).
   transforms: clip transforms, or their config `{name: {fields}}` (make_clip_transforms).
   num_threads: grain reader threads (cv2 releases the GIL); prefetch: batches buffered ahead.
+  num_workers: > 0 makes whole batches in that many processes instead (see read_batches); the same batches.
+  start_batch: the first batch is global batch `start_batch` (a resumed run's step; TrainIterator keeps count).
   """
   _check_sharding(shard_index, shard_count)
   sampler = sampling.make_sampler(sampler)
@@ -286,9 +290,34 @@ def train_dataset(source, *, sampler='segments', augment: str = 'stt', image_siz
   else:
     records = records.shuffle().repeat(None)
   clips = _train_stages(records, source, sampler, augment, image_size, interpolation, transforms)
-  host_clips = grain.MapDataset.range(_ENDLESS).map(HostSlice(clips, batch_size, shard_index, shard_count))
-  read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch * batch_size)
-  return host_clips.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True)
+  if start_batch < 0:
+    raise ValueError(f'start_batch={start_batch} must be >= 0')
+  positions = grain.MapDataset.range(start_batch * batch_size, _ENDLESS)
+  host_clips = positions.map(HostSlice(clips, batch_size, shard_index, shard_count))
+  return read_batches(host_clips, batch_size, num_threads=num_threads, prefetch=prefetch, num_workers=num_workers)
+
+
+def read_batches(clips: grain.MapDataset, batch_size: int, *, num_threads: int, prefetch: int,
+                 num_workers: int = 0) -> grain.IterDataset:
+  """Consecutive clips -> batches of `batch_size`, made in this process or in `num_workers` processes.
+
+  Threads (num_workers=0): `num_threads` threads read clips; the decode and resize release the GIL, but the
+  Python between them does not, so threads stop scaling once that Python fills one core. Processes: each of the
+  `num_workers` spawned processes makes whole batches in turn (batches k, k + W, ...; grain's mp_prefetch reads
+  them round-robin, in order) and hands them over in shared memory (/dev/shm). Either way batch k holds the same
+  clips, so a run may change the reader between restarts. `prefetch`: batches buffered ahead, in all.
+  """
+  if num_workers < 0:
+    raise ValueError(f'num_workers={num_workers} must be >= 0 (0: threads in this process)')
+  if not num_workers:
+    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch * batch_size)
+    return clips.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True)
+  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app they keep their defaults
+    flags.FLAGS.mark_as_parsed()
+  options = grain.multiprocessing.MultiprocessingOptions(num_workers=num_workers,
+                                                         per_worker_buffer_size=max(1, -(-prefetch // num_workers)))
+  batches = clips.batch(batch_size, drop_remainder=True)
+  return batches.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(options)
 
 
 _ENDLESS = 2 ** 62  # host positions: more than any run reads
@@ -308,13 +337,34 @@ class HostSlice(grain.transforms.Map):
     return self.clips[(batch * self.shard_count + self.shard_index) * self.batch_size + item]
 
 
-def iterator_at(dataset: grain.IterDataset, batch_index: int, batch_size: int):
-  """An iterator of train_dataset(batch_size=batch_size) whose next batch is global batch `batch_index`: derived
-  from the step alone, so a run resumed with another host count continues at the exact batch."""
-  iterator = iter(dataset)
-  if batch_index:
-    iterator.set_state({'next_index': batch_index * batch_size})
-  return iterator
+class TrainIterator:
+  """Training batches from global batch `start_batch` on (train_dataset(..., start_batch=start_batch)): the step
+  alone says where to continue, so a resumed run may change its host count or reader. Its state, saved in every
+  checkpoint as a record (the trainer does not read it back), is this host's position: {'next_index': batches
+  read * batch_size}, the same whatever the reader."""
+
+  def __init__(self, dataset: grain.IterDataset, start_batch: int, batch_size: int):
+    self._iterator = iter(dataset)
+    self._next_batch = start_batch
+    self._batch_size = batch_size
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._iterator)
+    self._next_batch += 1
+    return batch
+
+  def get_state(self) -> bytes:
+    """JSON, as grain's checkpoint handler takes it from an iterator that is not one of grain's datasets'."""
+    return json.dumps({'next_index': self._next_batch * self._batch_size}).encode()
+
+  def close(self):
+    """Stops the reader's threads or worker processes."""
+    close = getattr(self._iterator, 'close', None)
+    if close is not None:
+      close()
 
 
 def _as_transforms(transforms) -> tuple:
