@@ -9,6 +9,8 @@ For each (size, recipe) it measures
   loop       the pipeline's transforms in a plain single-threaded loop (+ np.stack batching): one core's work;
   grain x1   train_dataset(num_threads=1): frames per wall second and per CPU second of the process;
   grain xN   train_dataset(num_threads=N): the whole machine;
+  readers    with --readers (e.g. threads:2,threads:8,workers:2): frames per wall second of each reader, threads
+             against worker processes (train_dataset's num_workers) at the same batches;
 and a per-stage timing run (read, sample, decode, crop/resize, flip, batch) in microseconds per frame.
 """
 import json
@@ -39,6 +41,9 @@ flags.DEFINE_integer('jpeg_quality', 90, 'JPEG quality of the synthetic frames.'
 flags.DEFINE_string('data_dir', '', 'TFDS data dir of a built dataset (else synthetic clips).')
 flags.DEFINE_string('dataset', 'dfew/fold1', 'Built dataset name, with --data_dir.')
 flags.DEFINE_string('split', 'train', 'Split of the built dataset.')
+flags.DEFINE_list('readers', [], 'Readers to compare, each threads:N (num_threads=N in this process) or '
+                  'workers:N (num_workers=N processes); measured in turn, --repeats times.')
+flags.DEFINE_integer('repeats', 1, 'Rounds over --readers (the report keeps every figure and the median).')
 flags.DEFINE_bool('quick', False, 'Short run (< 1 minute): 1 s per measurement, 16 clips, no xN run on 1 CPU.')
 flags.DEFINE_string('out', '', 'Write the JSON report here.')
 
@@ -100,10 +105,11 @@ def loop_throughput(source, sampler, recipe, size, batch_size, seconds):
   return frames / (time.perf_counter() - wall), frames / (time.process_time() - cpu)
 
 
-def grain_throughput(source, sampler, recipe, size, batch_size, seconds, num_threads):
-  """train_dataset(num_threads): (frames per wall second, frames per CPU second) after one warm-up batch."""
+def grain_throughput(source, sampler, recipe, size, batch_size, seconds, num_threads, num_workers=0):
+  """train_dataset(num_threads, num_workers): (frames per wall second, frames per CPU second of this process: the
+  workers' time is not in it) after one warm-up batch (which waits for the workers to start)."""
   dataset = pipeline.train_dataset(source, sampler=sampler, augment=recipe, image_size=size, batch_size=batch_size,
-                                   seed=0, num_threads=num_threads, prefetch=4)
+                                   seed=0, num_threads=num_threads, prefetch=4, num_workers=num_workers)
   it = iter(dataset)
   next(it)
   frames = 0
@@ -114,6 +120,29 @@ def grain_throughput(source, sampler, recipe, size, batch_size, seconds, num_thr
   result = frames / (time.perf_counter() - wall), frames / (time.process_time() - cpu)
   it.close()
   return result
+
+
+def compare_readers(source, sampler, recipe, size, batch_size, seconds) -> dict:
+  """{reader: {'frames_per_s': [one per round], 'median': ...}} for each of --readers, rounds interleaved so that a
+  change in the machine's load touches every reader alike."""
+  readers = {}
+  for name in FLAGS.readers:
+    kind, _, count = name.partition(':')
+    if kind not in ('threads', 'workers') or not count.isdigit():
+      raise ValueError(f'--readers entry {name!r}: expected threads:N or workers:N')
+    readers[name] = {'num_threads': int(count) if kind == 'threads' else 0,
+                     'num_workers': int(count) if kind == 'workers' else 0, 'frames_per_s': []}
+  for _ in range(FLAGS.repeats):
+    for name, reader in readers.items():
+      frames_per_s, _ = grain_throughput(source, sampler, recipe, size, batch_size, seconds, reader['num_threads'],
+                                         reader['num_workers'])
+      reader['frames_per_s'].append(frames_per_s)
+  for name, reader in readers.items():
+    reader['median'] = float(np.median(reader['frames_per_s']))
+    print(f"{size:>4}px {recipe:<10} {name:<11} {reader['median']:7.0f} f/s = "
+          f"{reader['median'] / sampler.num_output_frames:6.0f} clips/s (batch {batch_size}; "
+          + ', '.join(f'{value:.0f}' for value in reader['frames_per_s']) + ')', flush=True)
+  return readers
 
 
 def stage_breakdown(source, sampler, recipe, size, batch_size, num_batches):
@@ -204,6 +233,8 @@ def main(argv):
       if threads > 1 and not (FLAGS.quick and cpus == 1):
         row[f'frames_per_s_grain_{threads}'], row[f'frames_per_cpu_s_grain_{threads}'] = grain_throughput(
             source, sampler, recipe, size, FLAGS.batch_size, seconds, threads)
+      if FLAGS.readers:
+        row['readers'] = compare_readers(source, sampler, recipe, size, FLAGS.batch_size, seconds)
       row['us_per_frame'] = stage_breakdown(source, sampler, recipe, size, FLAGS.batch_size,
                                             num_batches=2 if FLAGS.quick else 8)
       results.append(row)
@@ -213,6 +244,7 @@ def main(argv):
       'versions': {'python': platform.python_version(), 'numpy': np.__version__, 'opencv': cv2.__version__,
                    'grain': getattr(grain, '__version__', '?')},
       'settings': {'source': source_name, 'sampler': repr(sampler), 'batch_size': FLAGS.batch_size,
+                   'readers': FLAGS.readers, 'repeats': FLAGS.repeats,
                    'seconds_per_measurement': seconds, 'threads': threads, 'quick': FLAGS.quick},
       'results': results,
   }

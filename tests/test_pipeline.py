@@ -2,6 +2,7 @@
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 
@@ -266,6 +267,57 @@ def test_worker_processes_make_the_same_batches():
   failing.close()
 
 
+SHARED_MEMORY_SCRIPT = """
+import os, sys
+import numpy as np
+from dferjax.data import pipeline
+
+
+def main(leave_free):
+  source = [{'frames': np.full((20, 32, 32, 3), i, np.uint8), 'label': i % 7, 'clip_id': str(i), 'num_frames': 20}
+            for i in range(8)]
+  kwargs = dict(augment='none', batch_size=4, seed=0, num_workers=2, prefetch=2)
+  try:  # 4 x 16 x 112 x 112 x 3 bytes a batch, 6 at a time: 14 MiB
+    pipeline.train_dataset(source, image_size=112, **kwargs)
+  except OSError as error:
+    print('REFUSED', error)
+  iterator = pipeline.TrainIterator(pipeline.train_dataset(source, image_size=32, **kwargs), 0, 4)  # fits
+  with open('/dev/shm/filler', 'wb') as f:  # then something else fills /dev/shm before the workers start
+    f.write(b'x' * (os.statvfs('/dev/shm').f_bavail * os.statvfs('/dev/shm').f_frsize - leave_free))
+  try:
+    next(iterator)
+  except OSError as error:
+    print('FAILED', error)
+  iterator.close()
+
+
+if __name__ == '__main__':  # the workers are spawned: they import this file
+  main(int(sys.argv[1]))
+"""
+
+
+def test_workers_name_a_full_shared_memory(tmp_path):
+  """Worker processes hand batches over in /dev/shm; one that writes past its end dies of SIGBUS. Run with a
+  private 8 MiB /dev/shm (a mount namespace): too small for the batches, or filled after the check."""
+  if subprocess.run(['unshare', '-m', 'true'], capture_output=True).returncode if shutil.which('unshare') else 1:
+    pytest.skip('needs unshare -m (root in a container or user namespaces)')
+  script = tmp_path / 'shm.py'
+  script.write_text(SHARED_MEMORY_SCRIPT)
+  # 300 KB left: the workers start, and one dies of SIGBUS writing a 196 KB batch; none left: they cannot start.
+  for leave_free, cause in ((300_000, 'exit code -7'), (0, 'No space left on device')):
+    result = subprocess.run(['unshare', '-m', 'sh', '-c', f'mount -t tmpfs -o size=8m tmpfs /dev/shm && '
+                             f'{sys.executable} {script} {leave_free}'], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if 'mount:' in result.stderr:
+      pytest.skip(f'cannot mount a tmpfs: {result.stderr.strip()}')
+    lines = {line.split(' ', 1)[0]: line for line in result.stdout.splitlines()}
+    assert 'up to 6 batches at a time' in lines['REFUSED'] and 'about 14 MiB' in lines['REFUSED']
+    assert '8 MiB free' in lines['REFUSED'] and '--shm-size' in lines['REFUSED']
+    assert 'config.input.num_workers' in lines['REFUSED']
+    assert 'failed making batch 0: /dev/shm is full' in lines.get('FAILED', ''), result.stdout + result.stderr
+    assert cause in lines['FAILED'] and '--shm-size' in lines['FAILED']
+
+
 def test_every_record_appears_once_per_epoch():
   source = id_source(10)
   batches = take(pipeline.train_dataset(source, augment='none', image_size=8, batch_size=5, seed=0,
@@ -450,8 +502,9 @@ def test_bench_input_quick_runs(tmp_path):
   out = tmp_path / 'bench.json'
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   subprocess.run([sys.executable, os.path.join(root, 'scripts', 'bench_input.py'), '--quick', '--sizes=16',
-                  '--num_clips=4', '--batch_size=2', '--seconds=0.2', f'--out={out}'],
+                  '--num_clips=4', '--batch_size=2', '--seconds=0.2', '--readers=threads:2,workers:2', f'--out={out}'],
                  check=True, cwd=root, capture_output=True, text=True, timeout=120)
   report = json.loads(out.read_text())
   assert {row['image_size'] for row in report['results']} == {16}
   assert all(row['frames_per_s_one_thread'] > 0 for row in report['results'])
+  assert all(row['readers']['workers:2']['median'] > 0 for row in report['results'])

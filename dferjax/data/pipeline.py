@@ -17,8 +17,11 @@ a seed and a step always give the same batch, whatever the thread or worker proc
     for batch in eval_batches(source, image_size=112, batch_size=64): ...  # 'mask' False on padding rows
 """
 import dataclasses
+import errno
 import json
 import math
+import os
+import shutil
 from typing import Any
 
 from absl import flags
@@ -314,10 +317,30 @@ def read_batches(clips: grain.MapDataset, batch_size: int, *, num_threads: int, 
     return clips.to_iter_dataset(read_options).batch(batch_size, drop_remainder=True)
   if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app they keep their defaults
     flags.FLAGS.mark_as_parsed()
-  options = grain.multiprocessing.MultiprocessingOptions(num_workers=num_workers,
-                                                         per_worker_buffer_size=max(1, -(-prefetch // num_workers)))
+  buffered = max(1, -(-prefetch // num_workers))
+  check_shared_memory(clips[0], batch_size, batches_at_once=num_workers * (buffered + 1) + 2)
+  options = grain.multiprocessing.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffered)
   batches = clips.batch(batch_size, drop_remainder=True)
   return batches.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(options)
+
+
+SHARED_MEMORY = '/dev/shm'  # where Python's shared memory (shm_open) lives on Linux
+_SHARED_MEMORY_ADVICE = (f'Give {SHARED_MEMORY} more room (docker run --shm-size=16g; on Kubernetes an emptyDir of '
+                         f'medium Memory mounted at {SHARED_MEMORY}), or use fewer workers (config.input.num_workers; '
+                         '0 reads with threads in this process).')
+
+
+def check_shared_memory(clip: dict, batch_size: int, batches_at_once: int):
+  """Refuses worker processes whose batches would not fit in /dev/shm: a worker writing past its end is killed
+  (SIGBUS) without a word. Each worker holds the batch it makes and its buffer; the reader two more."""
+  if not os.path.isdir(SHARED_MEMORY):
+    return
+  needed = batches_at_once * batch_size * sum(np.asarray(value).nbytes for value in clip.values())
+  free = shutil.disk_usage(SHARED_MEMORY).free
+  if needed > free:
+    raise OSError(f'the input worker processes hand over up to {batches_at_once} batches at a time in shared '
+                  f'memory, about {needed / 2**20:.0f} MiB, but {SHARED_MEMORY} has {free / 2**20:.0f} MiB free. '
+                  + _SHARED_MEMORY_ADVICE)
 
 
 _ENDLESS = 2 ** 62  # host positions: more than any run reads
@@ -352,7 +375,16 @@ class TrainIterator:
     return self
 
   def __next__(self):
-    batch = next(self._iterator)
+    try:
+      batch = next(self._iterator)
+    except (RuntimeError, OSError) as error:
+      # A worker that wrote past the end of a full /dev/shm dies of SIGBUS (exit code -7); with no room left at
+      # all, starting the workers fails to make their semaphores there (ENOSPC, no file named).
+      if not ('exit code -7' in str(error) or (isinstance(error, OSError) and error.errno == errno.ENOSPC
+                                               and error.filename is None)):
+        raise
+      raise OSError(f'the input worker processes failed making batch {self._next_batch}: {SHARED_MEMORY} is full '
+                    f'({error}). ' + _SHARED_MEMORY_ADVICE) from error
     self._next_batch += 1
     return batch
 
