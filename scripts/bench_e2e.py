@@ -15,7 +15,7 @@
 3. Device only: bench_train.py's dferjax train clips/s for the same model, dtype and batch (one uint8 batch
    reused, no input pipeline), read from --device_json (gpu_bench.sh's bf16_b128 stage) or measured here.
 
-Prints one line per trainer run (--num_threads may list several):
+Prints one line per trainer run (--num_threads and --num_workers may list several; every pair runs):
 `e2e: trainer N clips/s, device-only M clips/s, gap X %` with gap = 1 - trainer / device-only.
 The records repeat: the train split's few hundred clips are reshuffled and decoded again on every pass, so
 the CPU does a real run's work per clip (JPEG decode of the 16 sampled frames, augmentation) whatever the
@@ -58,6 +58,8 @@ def define_flags():
   flags.DEFINE_integer('steps', 0, 'Trainer steps, one epoch (0: 1000 paper, 30 tiny).')
   flags.DEFINE_integer('log_every', 0, 'config.log_every_steps: steps between train records (0: 50 paper, 5 tiny).')
   flags.DEFINE_list('num_threads', ['0'], 'config.input.num_threads, one trainer run each (0: the config\'s, 8).')
+  flags.DEFINE_list('num_workers', ['0'], 'config.input.num_workers, one trainer run each with every --num_threads '
+                    "(0: threads, the config's default; N: N processes make the batches)."),
   flags.DEFINE_integer('prefetch', 0, 'config.input.prefetch, batches grain reads ahead (0: the config\'s, 4).')
   flags.DEFINE_bool('progress_bar', True, 'config.progress_bar (the default): the bar waits for every step.')
   flags.DEFINE_enum('frame_encoding', '', ['', 'jpeg', 'raw'], "Frame storage of the build ('': the size's "
@@ -80,7 +82,8 @@ def resolve_settings() -> dict:
   frame_encoding = FLAGS.frame_encoding or common.default_frame_encoding(image_size)
   settings = {'model': FLAGS.model, 'batch_size': FLAGS.batch_size, 'dtype': FLAGS.dtype,
               'steps': FLAGS.steps or size['steps'], 'log_every': FLAGS.log_every or size['log_every'],
-              'num_threads': [int(n) for n in FLAGS.num_threads], 'prefetch': FLAGS.prefetch,
+              'num_threads': [int(n) for n in FLAGS.num_threads],
+              'num_workers': [int(n) for n in FLAGS.num_workers], 'prefetch': FLAGS.prefetch,
               'progress_bar': FLAGS.progress_bar, 'image_size': image_size, 'frame_encoding': frame_encoding,
               'dataset': 'dfew/' + Dfew.config_name(image_size=image_size, frame_encoding=frame_encoding, fold=1),
               'clips_per_class': FLAGS.clips_per_class or size['clips_per_class'],
@@ -131,7 +134,7 @@ def ensure_dataset(settings: dict) -> dict:
 # The trainer.
 
 
-def trainer_command(settings: dict, data_dir: str, workdir: str, num_threads: int) -> list[str]:
+def trainer_command(settings: dict, data_dir: str, workdir: str, num_threads: int, num_workers: int = 0) -> list[str]:
   """`python -m dferjax.main` on the paper STT config, with the benchmark's sizes as overrides."""
   command = [sys.executable, '-m', 'dferjax.main', '--config=configs/stt_dfew.py', f'--workdir={workdir}']
   if settings['compilation_cache']:
@@ -142,6 +145,8 @@ def trainer_command(settings: dict, data_dir: str, workdir: str, num_threads: in
                'progress_bar': settings['progress_bar'], 'input.image_size': settings['image_size']}
   if num_threads:
     overrides['input.num_threads'] = num_threads
+  if num_workers:
+    overrides['input.num_workers'] = num_workers
   if settings['prefetch']:
     overrides['input.prefetch'] = settings['prefetch']
   if settings['model'] == 'tiny':
@@ -166,13 +171,15 @@ def trainer_throughput(records: list[dict], batch_size: int) -> dict:
               'min': min(intervals), 'median': statistics.median(intervals), 'max': max(intervals)}}
 
 
-def run_trainer(settings: dict, data_dir: str, num_threads: int) -> dict:
-  """One trainer run in a fresh workdir: its clips/s, the epoch line's, and the CPU time it used."""
-  workdir = os.path.join(settings['root'], f'run_threads{num_threads or "default"}')
+def run_trainer(settings: dict, data_dir: str, num_threads: int, num_workers: int = 0) -> dict:
+  """One trainer run in a fresh workdir: its clips/s, the epoch line's, and the CPU time it and its input workers
+  used."""
+  workdir = os.path.join(settings['root'], f'run_threads{num_threads or "default"}_workers{num_workers}')
   shutil.rmtree(workdir, ignore_errors=True)  # a workdir with a checkpoint would resume, not train
-  command = trainer_command(settings, data_dir, workdir, num_threads)
+  command = trainer_command(settings, data_dir, workdir, num_threads, num_workers)
   print('e2e command: ' + ' '.join(command), flush=True)
-  result = {'num_threads': num_threads or 'config default', 'command': command, 'workdir': workdir}
+  result = {'num_threads': num_threads or 'config default', 'num_workers': num_workers, 'command': command,
+            'workdir': workdir}
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   start = time.perf_counter()
   with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True, bufsize=1) as process:
@@ -236,7 +243,9 @@ def device_only(settings: dict, device_json: str, measured_json: str) -> dict:
 
 
 def run_line(run: dict, settings: dict, device: dict | None) -> str:
-  options = (f"input.num_threads={run['num_threads']}, prefetch={settings['prefetch'] or 'config default'}, "
+  reader = (f"input.num_workers={run['num_workers']} processes" if run.get('num_workers')
+            else f"input.num_threads={run['num_threads']}")
+  options = (f"{reader}, prefetch={settings['prefetch'] or 'config default'}, "
              f"progress bar {'on' if settings['progress_bar'] else 'off'}, {settings['frame_encoding']} frames")
   if 'error' in run:
     return f"e2e: trainer failed ({options}): {run['error']}"
@@ -256,7 +265,8 @@ def main(argv):
   settings = resolve_settings()
   machine = benchmarking.machine_info()
   print(f"e2e: host {machine['cpu_model']}, {machine['cpu_count']} CPUs ({machine['cores_visible']} usable); "
-        f"trainer input.num_threads {settings['num_threads']} (0: config default 8), prefetch "
+        f"trainer input.num_threads {settings['num_threads']} (0: config default 8), input.num_workers "
+        f"{settings['num_workers']} (0: threads), prefetch "
         f"{settings['prefetch'] or 'config default 4'}", flush=True)
   report = {'machine': machine, 'versions': benchmarking.package_versions(('jax', 'jaxlib', 'flax', 'grain')),
             'settings': settings, 'runs': [],
@@ -271,11 +281,12 @@ def main(argv):
 
   report['dataset'] = ensure_dataset(settings)
   save()
-  for num_threads in settings['num_threads']:
-    run = run_trainer(settings, report['dataset']['data_dir'], num_threads)
-    report['runs'].append(run)
-    save()
-    print(run_line(run, settings, None), flush=True)  # kept if the device-only part runs out of time
+  for num_workers in settings['num_workers']:
+    for num_threads in settings['num_threads']:
+      run = run_trainer(settings, report['dataset']['data_dir'], num_threads, num_workers)
+      report['runs'].append(run)
+      save()
+      print(run_line(run, settings, None), flush=True)  # kept if the device-only part runs out of time
   measured_json = (os.path.splitext(FLAGS.out)[0] + '_device.json' if FLAGS.out
                    else os.path.join(settings['root'], 'device.json'))
   report['device_only'] = device_only(settings, FLAGS.device_json, measured_json)

@@ -33,8 +33,9 @@
 #                       dferjax.main` on it (paper STT, bf16, batch 128, 1000 steps as one epoch, random init), its
 #                       clips/s beside the device-only figure of $OUT/bf16_b128.json (measured in the stage when
 #                       that is absent): `e2e: trainer N clips/s, device-only M clips/s, gap X %`, $OUT/e2e.json.
+#                       One trainer run per E2E_WORKERS value (default 0,12: threads, then 12 worker processes).
 #                       E2E_THREADS, E2E_PREFETCH, E2E_PROGRESS_BAR, E2E_ENCODING, E2E_STEPS set the trainer's
-#                       input (defaults: the config's, below); ~3-4 min, limit E2E_LIMIT (300 s)
+#                       input (defaults: the config's, below); ~5-6 min, limit E2E_LIMIT (420 s)
 #   Issue 17 item 5, each other model at its paper batch against its PyTorch transcription (see model_stage):
 #     models            model_nr_dfernet model_aen model_ceflnet model_est: bf16 vs PyTorch eager, ~6 min
 #     models_fp32       model_<m>_fp32: float32 vs PyTorch eager, ~6 min
@@ -157,6 +158,7 @@ run_stage() {
     e2e)  # issue 17 item 4: the whole trainer on a synthetic dataset vs its train step alone (scripts/bench_e2e.py)
       limited e2e "$E2E_LIMIT" $PYTHON scripts/bench_e2e.py --model="$MODEL" --compilation_cache="$CACHE" \
         --device_json="$OUT/bf16_b128.json" --out="$OUT/e2e.json" --num_threads="$E2E_THREADS" \
+        --num_workers="$E2E_WORKERS" \
         --prefetch="$E2E_PREFETCH" --progress_bar="$E2E_PROGRESS_BAR" ${E2E_STEPS:+--steps=$E2E_STEPS} \
         ${E2E_ENCODING:+--frame_encoding=$E2E_ENCODING} ;;
     *) echo "unknown stage $1" | tee -a "$LOG" ;;
@@ -164,11 +166,14 @@ run_stage() {
 }
 # The e2e stage's input-pipeline settings (the trainer's defaults unless set; see scripts/bench_e2e.py):
 E2E_THREADS=${E2E_THREADS:-0}  # config.input.num_threads, 0: the config's 8; a list (8,16) runs the trainer per value
+# config.input.num_workers, a trainer run each: 0 (threads, the default) and 12 processes. On a CPU the threads stop
+# scaling at ~1,300 clips/s whatever the core count (docs/performance.md), below what STT's step takes on an H200.
+E2E_WORKERS=${E2E_WORKERS:-0,12}
 E2E_PREFETCH=${E2E_PREFETCH:-0}  # config.input.prefetch, 0: the config's 4 batches
 E2E_PROGRESS_BAR=${E2E_PROGRESS_BAR:-true}  # false: no per-step wait for the bar
 E2E_STEPS=${E2E_STEPS:-}  # trainer steps (bench_e2e.py's default: 1000, the benchmark's steps_per_epoch)
 E2E_ENCODING=${E2E_ENCODING:-}  # raw: uint8 frames instead of JPEG (a dataset of its own)
-E2E_LIMIT=${E2E_LIMIT:-300}  # dataset < 1 min on 16 cores, trainer 2-3 min; more for several E2E_THREADS
+E2E_LIMIT=${E2E_LIMIT:-420}  # dataset < 1 min on 16 cores, each trainer run 1.5-2.5 min; more for longer lists
 
 declare -A STAGE_GROUPS=(
   [issue17]="opt_base opt_pallas opt_cudnn_pad2 opt_heads_first opt_s2d opt_argmax_pool opt_fused_norm

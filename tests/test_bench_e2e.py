@@ -39,11 +39,12 @@ def settings(**changes):
 
 
 def test_trainer_command_overrides_fields_of_the_stt_config(bench_e2e):
-  command = bench_e2e.trainer_command(settings(prefetch=6), '/data/tfds', '/runs/e2e', num_threads=16)
+  command = bench_e2e.trainer_command(settings(prefetch=6), '/data/tfds', '/runs/e2e', num_threads=16, num_workers=12)
   assert command[1:5] == ['-m', 'dferjax.main', '--config=configs/stt_dfew.py', '--workdir=/runs/e2e']
   overrides = dict(arg[len('--config.'):].split('=', 1) for arg in command if arg.startswith('--config.'))
   assert {'dataset.name': 'dfew/fold1_px32', 'dataset.data_dir': '/data/tfds', 'init_from.backbone': 'none',
-          'steps_per_epoch': '30', 'num_epochs': '1', 'input.num_threads': '16', 'input.prefetch': '6',
+          'steps_per_epoch': '30', 'num_epochs': '1', 'input.num_threads': '16', 'input.num_workers': '12',
+          'input.prefetch': '6',
           'model.embed_dim': '32', 'input.sampler.num_segments': '2'}.items() <= overrides.items()
   config = stt_dfew.get_config()
   for name in overrides:  # each names a field of the config: the trainer would refuse a misspelt one
@@ -51,7 +52,7 @@ def test_trainer_command_overrides_fields_of_the_stt_config(bench_e2e):
     for part in name.split('.'):
       node = node[part]
   paper = bench_e2e.trainer_command(settings(model='paper'), '/data/tfds', '/runs/e2e', num_threads=0)
-  assert not [arg for arg in paper if arg.startswith(('--config.model.', '--config.input.num_threads',
+  assert not [arg for arg in paper if arg.startswith(('--config.model.', '--config.input.num_threads', '--config.input.num_workers',
                                                       '--config.input.prefetch'))]  # the config's own
 
 
