@@ -31,7 +31,7 @@ def os_error(error: BaseException) -> OSError | None:
     if (code := re.search(r"\[os_error_code='(\d+)'\]", str(error))) and int(code[1]) in DISK_FULL:
       return OSError(int(code[1]), os.strerror(int(code[1])))
     seen.add(id(error))
-    error = error.__cause__ or error.__context__
+    error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)  # `from None` ends it
   return None
 
 

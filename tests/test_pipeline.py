@@ -270,10 +270,11 @@ def test_worker_processes_make_the_same_batches():
 SHARED_MEMORY_SCRIPT = """
 import os, sys
 import numpy as np
+from dferjax import cli
 from dferjax.data import pipeline
 
 
-def main(leave_free):
+def main():
   source = [{'frames': np.full((20, 32, 32, 3), i, np.uint8), 'label': i % 7, 'clip_id': str(i), 'num_frames': 20}
             for i in range(8)]
   kwargs = dict(augment='none', batch_size=4, seed=0, num_workers=2, prefetch=2)
@@ -281,18 +282,21 @@ def main(leave_free):
     pipeline.train_dataset(source, image_size=112, **kwargs)
   except OSError as error:
     print('REFUSED', error)
-  iterator = pipeline.TrainIterator(pipeline.train_dataset(source, image_size=32, **kwargs), 0, 4)  # fits
-  with open('/dev/shm/filler', 'wb') as f:  # then something else fills /dev/shm before the workers start
-    f.write(b'x' * (os.statvfs('/dev/shm').f_bavail * os.statvfs('/dev/shm').f_frsize - leave_free))
-  try:
-    next(iterator)
-  except OSError as error:
-    print('FAILED', error)
-  iterator.close()
+  # 300 KB left: the workers start, and one dies of SIGBUS writing a 196 KB batch; none left: they cannot start.
+  for leave_free in (300_000, 0):
+    iterator = pipeline.TrainIterator(pipeline.train_dataset(source, image_size=32, **kwargs), 0, 4)  # fits
+    with open('/dev/shm/filler', 'wb') as f:  # then something else fills /dev/shm before the workers start
+      f.write(b'x' * (os.statvfs('/dev/shm').f_bavail * os.statvfs('/dev/shm').f_frsize - leave_free))
+    try:
+      next(iterator)
+    except OSError as error:
+      print(f'FAILED{leave_free}', cli.error_message(error))  # what the command-line tools print
+    iterator.close()
+    os.remove('/dev/shm/filler')
 
 
 if __name__ == '__main__':  # the workers are spawned: they import this file
-  main(int(sys.argv[1]))
+  main()
 """
 
 
@@ -303,19 +307,18 @@ def test_workers_name_a_full_shared_memory(tmp_path):
     pytest.skip('needs unshare -m (root in a container or user namespaces)')
   script = tmp_path / 'shm.py'
   script.write_text(SHARED_MEMORY_SCRIPT)
-  # 300 KB left: the workers start, and one dies of SIGBUS writing a 196 KB batch; none left: they cannot start.
-  for leave_free, cause in ((300_000, 'exit code -7'), (0, 'No space left on device')):
-    result = subprocess.run(['unshare', '-m', 'sh', '-c', f'mount -t tmpfs -o size=8m tmpfs /dev/shm && '
-                             f'{sys.executable} {script} {leave_free}'], capture_output=True, text=True, timeout=120,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if 'mount:' in result.stderr:
-      pytest.skip(f'cannot mount a tmpfs: {result.stderr.strip()}')
-    lines = {line.split(' ', 1)[0]: line for line in result.stdout.splitlines()}
-    assert 'up to 6 batches at a time' in lines['REFUSED'] and 'about 14 MiB' in lines['REFUSED']
-    assert '8 MiB free' in lines['REFUSED'] and '--shm-size' in lines['REFUSED']
-    assert 'config.input.num_workers' in lines['REFUSED']
-    assert 'failed making batch 0: /dev/shm is full' in lines.get('FAILED', ''), result.stdout + result.stderr
-    assert cause in lines['FAILED'] and '--shm-size' in lines['FAILED']
+  result = subprocess.run(['unshare', '-m', 'sh', '-c', f'mount -t tmpfs -o size=8m tmpfs /dev/shm && '
+                           f'{sys.executable} {script}'], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if 'mount:' in result.stderr:
+    pytest.skip(f'cannot mount a tmpfs: {result.stderr.strip()}')
+  lines = {line.split(' ', 1)[0]: line for line in result.stdout.splitlines()}
+  assert 'up to 6 batches at a time' in lines['REFUSED'] and 'about 14 MiB' in lines['REFUSED']
+  assert '8 MiB free' in lines['REFUSED'] and '--shm-size' in lines['REFUSED']
+  assert 'config.input.num_workers' in lines['REFUSED']
+  for name, cause in (('FAILED300000', 'exit code -7'), ('FAILED0', 'No space left on device')):
+    assert 'failed making batch 0: /dev/shm is full' in lines.get(name, ''), result.stdout + result.stderr
+    assert cause in lines[name] and '--shm-size' in lines[name] and 'disk refused' not in lines[name]
 
 
 def test_every_record_appears_once_per_epoch():

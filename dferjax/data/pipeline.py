@@ -384,7 +384,7 @@ class TrainIterator:
                                                and error.filename is None)):
         raise
       raise OSError(f'the input worker processes failed making batch {self._next_batch}: {SHARED_MEMORY} is full '
-                    f'({error}). ' + _SHARED_MEMORY_ADVICE) from error
+                    f'({error}). ' + _SHARED_MEMORY_ADVICE) from None  # not "disk full" (cli.os_error)
     self._next_batch += 1
     return batch
 
