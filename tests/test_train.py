@@ -178,31 +178,21 @@ def test_evaluate_cli_reproduces_the_final_evaluation(tmp_path, data_dir):
   assert again['confusion'] == result['confusion']
 
 
-MULTI_DEVICE_SCRIPT = r'''
-import sys, numpy as np, jax
-sys.path.insert(0, sys.argv[3])
-from dferjax import configlib
-from train_helpers import run_random_steps
-state, _ = run_random_steps(configlib.load_config(sys.argv[1]))
-flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(
-    {'params': state.params, 'batch_stats': state.batch_stats})[0]}
-np.savez(sys.argv[2], devices=jax.device_count(), **flat)
-'''
-
-
-def test_one_and_two_devices_give_the_same_parameters(tmp_path):
+def test_one_and_two_devices_give_the_same_parameters():
+  from train_helpers import run_random_steps
+  config = configlib.load_config(TINY_CONFIG)
+  assert jax.device_count() == 2  # tests/conftest.py
+  one_device = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
   results = []
-  for devices in (1, 2):
-    out = tmp_path / f'{devices}.npz'
-    env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'JAX_PLATFORMS': 'cpu'}
-    subprocess.run([sys.executable, '-c', MULTI_DEVICE_SCRIPT, TINY_CONFIG, str(out), os.path.dirname(__file__)],
-                   cwd=REPO, env=env, check=True)
-    results.append(dict(np.load(out)))
-  one, two = results
-  assert (int(one.pop('devices')), int(two.pop('devices'))) == (1, 2)
-  assert one.keys() == two.keys()
-  for key in one:
-    np.testing.assert_allclose(one[key], two[key], rtol=2e-4, atol=2e-5, err_msg=key)
+  for mesh in (one_device, None):  # None: the trainer's mesh over both devices
+    state, _ = run_random_steps(config, mesh=mesh)
+    assert {leaf.sharding.mesh.size for leaf in jax.tree.leaves(state.params)} == {1 if mesh else 2}
+    results.append(jax.tree.map(np.asarray, {'params': state.params, 'batch_stats': state.batch_stats}))
+  # XLA's unoptimised CPU code (tests/conftest.py) sums conv1's weight gradient in another order per device count:
+  # 4e-4 of the kernel's largest entry after 3 steps. BatchNorm statistics of half the batch differ by 17 % of a
+  # leaf's largest entry after one step.
+  jax.tree.map(lambda one, two: np.testing.assert_allclose(one, two, rtol=2e-4, atol=1e-3 * np.abs(one).max()),
+               *results)
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_optimizer_state():

@@ -11,9 +11,10 @@ def random_batch(config, batch_size: int, rng: np.random.Generator) -> dict:
           'mask': np.ones(batch_size, bool)}
 
 
-def run_random_steps(config, num_steps: int = 3, batch_size: int = 4):
-  """Returns (state, accumulator) after `num_steps` train steps on seeded random batches."""
-  steps = train.make_steps(config, steps_per_epoch=3)
+def run_random_steps(config, num_steps: int = 3, batch_size: int = 4, mesh=None):
+  """Returns (state, accumulator) after `num_steps` train steps on seeded random batches (over `mesh`, default
+  every device)."""
+  steps = train.make_steps(config, steps_per_epoch=3, mesh=mesh)
   state = steps.init(jax.random.key(config.seed))
   accumulator = steps.init_accumulator()
   data = np.random.default_rng(0)
