@@ -44,11 +44,12 @@ def test_outputs_and_the_permutation_input():
   model = EST(num_classes=7, **TINY)
   video = jnp.asarray(np.random.default_rng(0).random((3, 14, 32, 32, 3)), jnp.float32)
   permutation = jnp.asarray([0, 4, 9], jnp.int32)
-  variables = model.init(jax.random.key(0), video, train=False)
-  logits, aux = model.apply(variables, video, permutation, train=False)
+  variables = jax.jit(lambda key: model.init(key, video, train=False))(jax.random.key(0))  # one compile, not per op
+  evaluate = jax.jit(lambda v, p: model.apply(v, video, p, train=False))
+  logits, aux = evaluate(variables, permutation)
   assert logits.shape == (3, 7) and aux['order_logits'].shape == (3, 10)
   # Evaluation classifies the ordered clip: the permutation moves only the order logits.
-  other, other_aux = model.apply(variables, video, jnp.asarray([1, 2, 3], jnp.int32), train=False)
+  other, other_aux = evaluate(variables, jnp.asarray([1, 2, 3], jnp.int32))
   np.testing.assert_allclose(other, logits, atol=1e-6)
   assert np.abs(np.asarray(other_aux['order_logits']) - np.asarray(aux['order_logits'])).max() > 1e-4
   assert set(model.metric_heads()) == {'order'} and EST(num_classes=7, ssop=False).metric_heads() == {}

@@ -45,10 +45,10 @@ def test_shapes_aux_outputs_and_heads():
   model = NRDFERNet(num_classes=7, num_frames=8, stem_width=8, num_spatial_layers=1, num_temporal_layers=1,
                     head_dim=8, spatial_mlp_dim=16, temporal_mlp_dim=16)
   video = jnp.asarray(np.random.default_rng(0).random((2, 8, 32, 32, 3)), jnp.float32)
-  variables = model.init(jax.random.key(0), video, train=False)
-  (logits, aux), _ = model.apply(variables, video, train=True, mutable=['batch_stats'])
+  variables = jax.jit(lambda key: model.init(key, video, train=False))(jax.random.key(0))  # one compile, not per op
+  (logits, aux), _ = jax.jit(lambda v: model.apply(v, video, train=True, mutable=['batch_stats']))(variables)
   assert logits.shape == (2, 7) and aux == {}
-  logits, aux = model.apply(variables, video, train=False)
+  logits, aux = jax.jit(lambda v: model.apply(v, video, train=False))(variables)
   assert aux['snippet_logits'].shape == (2, 3, 7)  # 7 frame vectors, L=3, S=2
   assert aux['sequence_logits'].shape == (2, 7) and logits.dtype == jnp.float32
   assert set(model.metric_heads()) == {'unfiltered'}
@@ -88,13 +88,13 @@ def test_gradients_reach_every_parameter():
   model = NRDFERNet(num_classes=7, num_frames=4, stem_width=8, num_spatial_layers=1, num_temporal_layers=1,
                     head_dim=8, spatial_mlp_dim=16, temporal_mlp_dim=16)
   video = jnp.asarray(np.random.default_rng(1).random((2, 4, 32, 32, 3)), jnp.float32)
-  variables = model.init(jax.random.key(0), video, train=False)
+  variables = jax.jit(lambda key: model.init(key, video, train=False))(jax.random.key(0))
 
   def loss(params):
     (logits, _), _ = model.apply({**variables, 'params': params}, video, train=True, mutable=['batch_stats'])
     return jax.nn.log_softmax(logits)[:, 3].sum()
 
-  grads = jax.grad(loss)(variables['params'])
+  grads = jax.jit(jax.grad(loss))(variables['params'])
   flat = jax.tree_util.tree_flatten_with_path(grads)[0]
   zero = [jax.tree_util.keystr(path) for path, g in flat if not np.any(np.asarray(g))]
   assert not zero, zero
