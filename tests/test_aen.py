@@ -106,7 +106,7 @@ def test_outputs_and_eq_3_prediction(tiny):
   eval_logits, eval_aux = apply(variables, video, train=False)
   assert 'guide_logits' not in eval_aux  # evaluation does not run the guide
   prototype = model.clone(prediction_space='log_probability')
-  proto_logits, proto_aux = prototype.apply(variables, video, train=False)
+  proto_logits, proto_aux = jax.jit(prototype.apply, static_argnames='train')(variables, video, train=False)
   np.testing.assert_allclose(proto_logits, 0.7 * log_softmax(proto_aux['local_logits'])
                              + 0.3 * log_softmax(proto_aux['global_logits']), atol=1e-5)
   assert eval_logits.shape == (3, 7)
