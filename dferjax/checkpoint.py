@@ -1,7 +1,8 @@
 """Checkpoints of a run: the only module that talks to Orbax.
 
 One `CheckpointManager` per workdir keeps the train state, each host's input position (a record: the restart
-continues at the batch its step says) and the config; it keeps the latest `keep` checkpoints plus the best one by an eval metric.
+continues at the batch its step says) and the config; it keeps the latest `keep` checkpoints plus the best one by
+an eval metric.
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed mid-save
 leaves the previous checkpoints readable and the half-written one ignored.
 

@@ -250,7 +250,7 @@ def test_worker_processes_make_the_same_batches():
   kwargs = dict(sampler='segments', augment='nr_dfernet', image_size=16, batch_size=3, seed=4, num_threads=2,
                 prefetch=2, transforms={'draw_permutation': {'num_permutations': 10}})
   threads = take(pipeline.train_dataset(jpeg_source, **kwargs), 5)
-  workers = pipeline.TrainIterator(pipeline.train_dataset(jpeg_source, num_workers=2, start_batch=2, **kwargs), 2, 3)
+  workers = pipeline.train_iterator(jpeg_source, num_workers=2, start_batch=2, **kwargs)
   assert_batches_equal(threads[2:], [next(workers) for _ in range(3)])
   assert json.loads(workers.get_state()) == {'next_index': 15}
   assert multiprocessing.active_children()
@@ -260,7 +260,7 @@ def test_worker_processes_make_the_same_batches():
     pipeline.train_dataset(jpeg_source, num_workers=-1, **kwargs)
   corrupt = [dict(record, frames=[b'not a jpeg'] * record['num_frames']) if i == 3 else record
              for i, record in enumerate(jpeg_source)]
-  failing = pipeline.TrainIterator(pipeline.train_dataset(corrupt, num_workers=2, **kwargs), 0, 3)
+  failing = pipeline.train_iterator(corrupt, num_workers=2, **kwargs)
   with pytest.raises(ValueError, match="clip '00003'.*not a decodable image"):
     for _ in range(5):
       next(failing)
@@ -284,7 +284,7 @@ def main():
     print('REFUSED', error)
   # 300 KB left: the workers start, and one dies of SIGBUS writing a 196 KB batch; none left: they cannot start.
   for leave_free in (300_000, 0):
-    iterator = pipeline.TrainIterator(pipeline.train_dataset(source, image_size=32, **kwargs), 0, 4)  # fits
+    iterator = pipeline.train_iterator(source, image_size=32, **kwargs)  # fits
     with open('/dev/shm/filler', 'wb') as f:  # then something else fills /dev/shm before the workers start
       f.write(b'x' * (os.statvfs('/dev/shm').f_bavail * os.statvfs('/dev/shm').f_frsize - leave_free))
     try:
@@ -382,8 +382,7 @@ def test_hosts_read_disjoint_slices_of_the_same_global_batches(class_balanced):
     for step, global_batch in enumerate(one):
       for field in global_batch:
         np.testing.assert_array_equal(np.concatenate([host[step][field] for host in slices]), global_batch[field])
-    later = next(pipeline.TrainIterator(pipeline.train_dataset(source, shard_index=1, start_batch=3, **local), 3,
-                                        6 // hosts))
+    later = next(pipeline.train_iterator(source, shard_index=1, start_batch=3, **local))
     np.testing.assert_array_equal(later['video'], slices[1][3]['video'])
   if not class_balanced:  # each epoch of 9 records read once, in a new order
     ids = [int(v) - 1 for b in one for v in b['video'][:, 0, 0, 0, 0]]

@@ -62,14 +62,13 @@ def split_source(config: ml_collections.ConfigDict, split: str):
 def train_iterator(config: ml_collections.ConfigDict, source, local_batch_size: int, start_step: int = 0):
   """This host's slice of every global batch from global batch `start_step` on (the same clips whatever the
   process count); its state goes into every checkpoint."""
-  dataset = pipeline.train_dataset(
+  return pipeline.train_iterator(
       source, sampler=config.input.sampler.to_dict(), augment=config.input.augment,
       image_size=config.input.image_size, batch_size=local_batch_size, seed=config.seed,
       shard_index=jax.process_index(), shard_count=jax.process_count(),
       class_balanced=config.input.class_balanced, num_threads=config.input.num_threads,
       prefetch=config.input.prefetch, transforms=config.input.transforms.to_dict(),
       num_workers=config.input.num_workers, start_batch=start_step)
-  return pipeline.TrainIterator(dataset, start_step, local_batch_size)
 
 
 def eval_iterator(config: ml_collections.ConfigDict, source, local_batch_size: int):

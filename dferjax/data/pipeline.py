@@ -13,7 +13,7 @@ a seed and a step always give the same batch, whatever the thread or worker proc
 (start_batch) gives the exact batches from there on.
 
     it = iter(train_dataset(source, sampler={'name': 'segments'}, augment='stt', image_size=112, batch_size=32, seed=0))
-    it = TrainIterator(train_dataset(..., num_workers=8, start_batch=k), k, 32)  # from batch k, in 8 processes
+    it = train_iterator(source, ..., batch_size=32, num_workers=8, start_batch=k)  # from batch k, in 8 processes
     for batch in eval_batches(source, image_size=112, batch_size=64): ...  # 'mask' False on padding rows
 """
 import dataclasses
@@ -358,6 +358,12 @@ class HostSlice(grain.transforms.Map):
   def map(self, position):
     batch, item = divmod(int(position), self.batch_size)
     return self.clips[(batch * self.shard_count + self.shard_index) * self.batch_size + item]
+
+
+def train_iterator(source, *, batch_size: int, start_batch: int = 0, **kwargs) -> 'TrainIterator':
+  """iter(train_dataset(source, batch_size=..., start_batch=..., **kwargs)), counting its position."""
+  dataset = train_dataset(source, batch_size=batch_size, start_batch=start_batch, **kwargs)
+  return TrainIterator(dataset, start_batch, batch_size)
 
 
 class TrainIterator:
