@@ -303,7 +303,7 @@ if __name__ == '__main__':  # the workers are spawned: they import this file
 def test_workers_name_a_full_shared_memory(tmp_path):
   """Worker processes hand batches over in /dev/shm; one that writes past its end dies of SIGBUS. Run with a
   private 8 MiB /dev/shm (a mount namespace): too small for the batches, or filled after the check."""
-  if subprocess.run(['unshare', '-m', 'true'], capture_output=True).returncode if shutil.which('unshare') else 1:
+  if not shutil.which('unshare') or subprocess.run(['unshare', '-m', 'true'], capture_output=True).returncode:
     pytest.skip('needs unshare -m (root in a container or user namespaces)')
   script = tmp_path / 'shm.py'
   script.write_text(SHARED_MEMORY_SCRIPT)
