@@ -22,6 +22,9 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
+from multiprocessing import resource_tracker
 from typing import Any
 
 from absl import flags
@@ -319,9 +322,30 @@ def read_batches(clips: grain.MapDataset, batch_size: int, *, num_threads: int, 
     flags.FLAGS.mark_as_parsed()
   buffered = max(1, -(-prefetch // num_workers))
   check_shared_memory(clips[0], batch_size, batches_at_once=num_workers * (buffered + 1) + 2)
+  _start_quiet_resource_tracker()
   options = grain.multiprocessing.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffered)
   batches = clips.batch(batch_size, drop_remainder=True)
-  return batches.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(options)
+  return batches.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(options,
+                                                                               worker_init_fn=_ignore_ctrl_c)
+
+
+def _start_quiet_resource_tracker():
+  """Workers stopped by Ctrl-C or an error leave batches in shared memory; Python's resource tracker (one process
+  for the run and its workers) frees them at exit, and would also warn "There appear to be N leaked
+  shared_memory objects". It is started here, if no one has yet, with that warning filtered out."""
+  quiet = 'ignore::UserWarning:multiprocessing.resource_tracker'
+  sys.warnoptions.append(quiet)  # the tracker starts with this interpreter's -W options
+  try:
+    resource_tracker.ensure_running()
+  finally:
+    sys.warnoptions.remove(quiet)
+
+
+def _ignore_ctrl_c(worker_index: int, worker_count: int):
+  """Ctrl-C reaches every process of the terminal's group: the trainer stops (and closes its reader), and the
+  workers do not each print a KeyboardInterrupt traceback."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 SHARED_MEMORY = '/dev/shm'  # where Python's shared memory (shm_open) lives on Linux
