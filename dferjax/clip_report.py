@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from dferjax import sharding, train
-from dferjax.data import inputs, sampling
+from dferjax.data import pipeline, sampling
 
 KINDS = ('value', 'snippet')
 
@@ -58,8 +58,9 @@ def snippet_frames(config: ml_collections.ConfigDict):
   return lambda num_frames: sampler(num_frames, None).reshape(sampler.num_snippets, -1)
 
 
-def collect(steps: train.Steps, state, config: ml_collections.ConfigDict, source) -> list[dict]:
-  """One row per clip of `source` (a second pass over the split, test sampling); [] if the model declares none."""
+def collect(steps: train.Steps, state, config: ml_collections.ConfigDict, reader: pipeline.EvalReader) -> list[dict]:
+  """One row per clip of the reader's split (a pass of inputs.eval_reader, test sampling); [] if the model
+  declares none."""
   outputs = declared(steps.model)
   if not outputs:
     return []
@@ -67,15 +68,15 @@ def collect(steps: train.Steps, state, config: ml_collections.ConfigDict, source
   predict = jax.jit(functools.partial(predict_step, model=steps.model, names=tuple(outputs),
                                       dtype=jnp.dtype(config.dtype)),
                     in_shardings=(steps.state_sharding, steps.batch_sharding), out_shardings=steps.replicated)
-  local_batch_size = sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
+  local_batch_size = reader.batch_size
   rows = []
-  for index, batch in enumerate(inputs.eval_iterator(config, source, local_batch_size)):
+  for index, batch in enumerate(reader):
     batch_outputs = jax.device_get(predict(state, sharding.to_global(batch, steps.batch_sharding)))
     for row in np.flatnonzero(batch_outputs['mask']):
       # The global batch is the hosts' local batches in process order; host h reads records h::process_count.
       host, position = divmod(int(row), local_batch_size)
       record_index = host + (index * local_batch_size + position) * jax.process_count()
-      rows.append(clip_row(source[record_index], {k: v[row] for k, v in batch_outputs.items()}, outputs, frames_of))
+      rows.append(clip_row(reader.source[record_index], {k: v[row] for k, v in batch_outputs.items()}, outputs, frames_of))
   return rows
 
 
@@ -93,10 +94,11 @@ def clip_row(record: dict, values: dict, outputs: dict[str, str], frames_of) -> 
   return row
 
 
-def report(steps: train.Steps, state, config: ml_collections.ConfigDict, source, path_stem: str) -> dict:
+def report(steps: train.Steps, state, config: ml_collections.ConfigDict, reader: pipeline.EvalReader,
+           path_stem: str) -> dict:
   """Writes the rows to `<path_stem>.jsonl` (process 0): {'clip_report': path, 'clip_summary': text}, or {} for a
   model that declares no clip outputs."""
-  rows = collect(steps, state, config, source)
+  rows = collect(steps, state, config, reader)
   if not rows or jax.process_index() != 0:
     return {}
   path = path_stem + '.jsonl'

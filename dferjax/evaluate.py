@@ -13,6 +13,7 @@ Expected errors print one `error: ...` message and exit 1 (--verbose: the traceb
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -62,11 +63,12 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
   finally:
     checkpoints.close()
   split = split or config.dataset.eval_split
-  source = inputs.split_source(config, split)
-  result = train.evaluate(steps, state, config, source)
-  result['step'] = chosen
   name = re.sub(r'[^\w-]', '_', split)  # a TFDS slice such as 'test[:50%]' in a file name
-  result.update(clip_report.report(steps, state, config, source, os.path.join(workdir, f'clips_{name}_step{chosen}')))
+  with contextlib.closing(inputs.eval_reader(config, inputs.split_source(config, split))) as reader:
+    result = train.evaluate(steps, state, config, reader)
+    result['step'] = chosen
+    result.update(clip_report.report(steps, state, config, reader,
+                                     os.path.join(workdir, f'clips_{name}_step{chosen}')))
   return result
 
 

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -21,7 +22,7 @@ from flax.training import train_state
 
 from dferjax import checkpoint as checkpoint_lib
 from dferjax import distributed, environment, losses, metrics, models, reports, sharding, writers
-from dferjax.data import inputs, sampling, validation
+from dferjax.data import inputs, pipeline, sampling, validation
 
 
 class TrainState(train_state.TrainState):
@@ -270,12 +271,11 @@ def make_steps(config: ml_collections.ConfigDict, *, steps_per_epoch: int | None
 # Evaluation.
 
 
-def evaluate(steps: Steps, state, config, source) -> dict[str, Any]:
-  """UAR, WAR, per-class recall and the confusion matrix over a whole split (one host sync), and the same under
-  its own name for each of the model's metric heads."""
-  local_batch_size = sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
+def evaluate(steps: Steps, state, config, reader: pipeline.EvalReader) -> dict[str, Any]:
+  """UAR, WAR, per-class recall and the confusion matrix over one pass of `reader` (inputs.eval_reader: a whole
+  split, one host sync), and the same under its own name for each of the model's metric heads."""
   confusions = steps.init_confusions(config.num_classes)
-  for batch in inputs.eval_iterator(config, source, local_batch_size):
+  for batch in reader:
     confusions = steps.eval(state, confusions, sharding.to_global(batch, steps.batch_sharding))
   confusions = jax.device_get(confusions)
   result = head_result(confusions['classes'], config.class_names)
@@ -354,6 +354,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpo
                                description=f'epoch {step // steps_per_epoch + 1}/{config.num_epochs}',
                                enabled=is_chief and config.progress_bar)
 
+  # With input worker processes, each eval split keeps its own for the run; they read ahead between evaluations.
+  eval_reader = inputs.eval_reader(config, eval_source)
+  heldout_reader = inputs.eval_reader(config, heldout_source) if heldout_source is not None else None
   progress = progress_bar(step)
   try:
     batch = None
@@ -378,20 +381,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpo
         progress.set_postfix(loss=train_metrics['loss'])
       if end_of_epoch:
         epoch = step // steps_per_epoch
-        eval_metrics = heldout_metrics = None
+        eval_metrics = heldout_metrics = eval_seconds = None
         if epoch % config.eval_every_epochs == 0 or step == total_steps:
-          eval_metrics = evaluate(steps, state, config, eval_source)
+          eval_start = time.time()
+          eval_metrics = evaluate(steps, state, config, eval_reader)
           last_eval = eval_metrics
-          writer.write(step=step, epoch=epoch, split=config.dataset.eval_split, values=eval_metrics)
+          writer.write(step=step, epoch=epoch, split=config.dataset.eval_split,
+                       values={**eval_metrics, 'seconds': time.time() - eval_start})
           if heldout_source is not None:  # the honest protocol's selection data
-            heldout_metrics = evaluate(steps, state, config, heldout_source)
-            writer.write(step=step, epoch=epoch, split=validation.SPLIT, values=heldout_metrics)
+            heldout_start = time.time()
+            heldout_metrics = evaluate(steps, state, config, heldout_reader)
+            writer.write(step=step, epoch=epoch, split=validation.SPLIT,
+                         values={**heldout_metrics, 'seconds': time.time() - heldout_start})
+          eval_seconds = time.time() - eval_start
         seconds = time.time() - epoch_start_time
         progress.close()
         if is_chief:
           print(writers.epoch_summary_line(epoch, {**epoch_totals.means(), 'learning_rate': train_metrics['learning_rate']},
                                            validation.with_heldout(eval_metrics, heldout_metrics), seconds,
-                                           eval_split=config.dataset.eval_split,
+                                           eval_split=config.dataset.eval_split, eval_seconds=eval_seconds,
                                            clips_per_second=(step - epoch_start_step) * config.batch_size / seconds),
                 flush=True)
         checkpoints.save(step, state, train_iter, config_json,
@@ -404,10 +412,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpo
         checkpoints.save(step, state, train_iter, config_json)
   finally:
     progress.close()
-    train_iter.close()  # its worker processes, if any
+    for reader in (train_iter, eval_reader, heldout_reader):
+      if reader is not None:
+        reader.close()  # its worker processes, if any
     checkpoints.wait()
   if not last_eval:  # resumed after the last epoch's checkpoint: evaluate what was trained
-    last_eval = evaluate(steps, state, config, eval_source)
+    with contextlib.closing(inputs.eval_reader(config, eval_source)) as reader:
+      last_eval = evaluate(steps, state, config, reader)
   best_step = checkpoints.best_step()
   if is_chief:
     write_final_reports(workdir, config, last_eval, best_step, list(steps.heads))

@@ -6,8 +6,9 @@
                  (int at epoch ends; train records may carry fractional epochs), 'wall_time': unix seconds.
   train records  scalar metrics, e.g. 'loss', 'learning_rate', 'clips_per_second'.
   eval records   'uar', 'war' (fractions), 'per_class' {class name: recall, null for a class with no clips},
-                 'confusion' [[int]] (rows = true class, columns = predicted), 'num_clips', optionally 'loss';
-                 and for each metric head of the model (metrics.MetricHead), '<head>': the same fields for
+                 'confusion' [[int]] (rows = true class, columns = predicted), 'num_clips', optionally 'loss'
+                 and 'seconds' (the trainer's wall time for the pass, the eval step's compilation included the
+                 first time); and for each metric head of the model (metrics.MetricHead), '<head>': the same fields for
                  that head's classes (EST's 'order', AEN's emotion groups).
 
 `MetricWriter.write_eval` builds eval records from a confusion matrix, so every producer agrees on this
@@ -318,9 +319,11 @@ def _format_value(name: str, value) -> str:
 
 
 def epoch_summary_line(epoch: int, train_metrics: Mapping[str, Any] | None, eval_metrics: Mapping[str, Any] | None,
-                       seconds: float, *, eval_split: str = 'test', clips_per_second: float | None = None) -> str:
+                       seconds: float, *, eval_split: str = 'test', clips_per_second: float | None = None,
+                       eval_seconds: float | None = None) -> str:
   """One line per epoch, e.g. 'epoch 3 | train loss 1.234 learning_rate 0.0001 | test UAR 45.10% WAR 56.70%
-  num_clips 2341 | 123.4 s, 210.5 clips/s'. Non-scalar values (per_class, confusion) are left out."""
+  num_clips 2341 | 123.4 s (evaluation 3.2 s), 210.5 clips/s'. Non-scalar values (per_class, confusion) are left
+  out; `seconds` is the whole epoch's, evaluation included."""
 
   def scalars(items: Iterable[tuple[str, Any]]) -> str:
     first = ('loss', 'uar', 'war')  # then the rest in given order, the clip count last
@@ -336,5 +339,6 @@ def epoch_summary_line(epoch: int, train_metrics: Mapping[str, Any] | None, eval
     heads = [f'{name} ' + scalars((k, v) for k, v in value.items() if k != 'num_clips')
              for name, value in eval_metrics.items() if is_head_result(value)]
     parts.append(' '.join([f'{eval_split} ' + scalars(eval_metrics.items()), *heads]))
-  parts.append(f'{seconds:.1f} s' + (f', {clips_per_second:.1f} clips/s' if clips_per_second is not None else ''))
+  timing = f'{seconds:.1f} s' + (f' (evaluation {eval_seconds:.1f} s)' if eval_seconds is not None else '')
+  parts.append(timing + (f', {clips_per_second:.1f} clips/s' if clips_per_second is not None else ''))
   return ' | '.join(parts)

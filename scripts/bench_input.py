@@ -11,6 +11,10 @@ For each (size, recipe) it measures
   grain xN   train_dataset(num_threads=N): the whole machine;
   readers    with --readers (e.g. threads:2,threads:8,workers:2): frames per wall second of each reader, threads
              against worker processes (train_dataset's num_workers) at the same batches;
+  eval       with --readers and --eval_clips: seconds per pass of an EvalReader over that many clips (test
+             sampling, resize only, --eval_batch_size), as the trainer evaluates: the first pass (worker start
+             included), then passes after --eval_pause seconds idle, the time a training epoch gives workers to
+             read ahead;
 and a per-stage timing run (read, sample, decode, crop/resize, flip, batch) in microseconds per frame.
 """
 import json
@@ -43,6 +47,10 @@ flags.DEFINE_string('dataset', 'dfew/fold1', 'Built dataset name, with --data_di
 flags.DEFINE_string('split', 'train', 'Split of the built dataset.')
 flags.DEFINE_list('readers', [], 'Readers to compare, each threads:N (num_threads=N in this process) or '
                   'workers:N (num_workers=N processes); measured in turn, --repeats times.')
+flags.DEFINE_integer('eval_clips', 0, 'With --readers: clips of an evaluation split to time passes over (DFEW '
+                     'fold: 2341; 0: none).')
+flags.DEFINE_integer('eval_batch_size', 64, 'Clips per evaluation batch (config.eval_batch_size).')
+flags.DEFINE_float('eval_pause', 5.0, 'Seconds between evaluation passes (the training between evaluations).')
 flags.DEFINE_integer('repeats', 1, 'Rounds over --readers (the report keeps every figure and the median).')
 flags.DEFINE_bool('quick', False, 'Short run (< 1 minute): 1 s per measurement, 16 clips, no xN run on 1 CPU.')
 flags.DEFINE_string('out', '', 'Write the JSON report here.')
@@ -125,13 +133,7 @@ def grain_throughput(source, sampler, recipe, size, batch_size, seconds, num_thr
 def compare_readers(source, sampler, recipe, size, batch_size, seconds) -> dict:
   """{reader: {'frames_per_s': [one per round], 'median': ...}} for each of --readers, rounds interleaved so that a
   change in the machine's load touches every reader alike."""
-  readers = {}
-  for name in FLAGS.readers:
-    kind, _, count = name.partition(':')
-    if kind not in ('threads', 'workers') or not count.isdigit():
-      raise ValueError(f'--readers entry {name!r}: expected threads:N or workers:N')
-    readers[name] = {'num_threads': int(count) if kind == 'threads' else 0,
-                     'num_workers': int(count) if kind == 'workers' else 0, 'frames_per_s': []}
+  readers = {name: {**reader, 'frames_per_s': []} for name, reader in parse_readers().items()}
   for _ in range(FLAGS.repeats):
     for name, reader in readers.items():
       frames_per_s, _ = grain_throughput(source, sampler, recipe, size, batch_size, seconds, reader['num_threads'],
@@ -143,6 +145,42 @@ def compare_readers(source, sampler, recipe, size, batch_size, seconds) -> dict:
           f"{reader['median'] / sampler.num_output_frames:6.0f} clips/s (batch {batch_size}; "
           + ', '.join(f'{value:.0f}' for value in reader['frames_per_s']) + ')', flush=True)
   return readers
+
+
+def parse_readers() -> dict:
+  """--readers -> {name: {'num_threads', 'num_workers'}}."""
+  readers = {}
+  for name in FLAGS.readers:
+    kind, _, count = name.partition(':')
+    if kind not in ('threads', 'workers') or not count.isdigit():
+      raise ValueError(f'--readers entry {name!r}: expected threads:N or workers:N')
+    readers[name] = {'num_threads': int(count) if kind == 'threads' else 0,
+                     'num_workers': int(count) if kind == 'workers' else 0}
+  return readers
+
+
+def eval_passes(source, sampler, size, readers: dict) -> dict:
+  """{reader: {'first_pass_s', 'paused_pass_s': [one per repeat], 'median'}}: EvalReader passes over --eval_clips
+  clips, the first one cold, each later one after --eval_pause idle seconds."""
+  split = RepeatedSource(source.clips, length=FLAGS.eval_clips)
+  results = {}
+  for name, reader in readers.items():
+    eval_reader = pipeline.EvalReader(split, sampler=sampler, image_size=size, batch_size=FLAGS.eval_batch_size,
+                                      num_threads=reader['num_threads'], num_workers=reader['num_workers'])
+    timings = []
+    for _ in range(1 + FLAGS.repeats):
+      start = time.perf_counter()
+      clips = sum(int(batch['mask'].sum()) for batch in eval_reader)
+      timings.append(time.perf_counter() - start)
+      assert clips == FLAGS.eval_clips, clips
+      time.sleep(FLAGS.eval_pause)
+    eval_reader.close()
+    results[name] = {'first_pass_s': timings[0], 'paused_pass_s': timings[1:],
+                     'median': float(np.median(timings[1:]))}
+    print(f"{size:>4}px eval pass {name:<11} {results[name]['median']:6.2f} s = "
+          f"{FLAGS.eval_clips / results[name]['median']:6.0f} clips/s after {FLAGS.eval_pause:.0f} s idle "
+          f"(first pass {timings[0]:.2f} s; {FLAGS.eval_clips} clips, batch {FLAGS.eval_batch_size})", flush=True)
+  return results
 
 
 def stage_breakdown(source, sampler, recipe, size, batch_size, num_batches):
@@ -235,6 +273,8 @@ def main(argv):
             source, sampler, recipe, size, FLAGS.batch_size, seconds, threads)
       if FLAGS.readers:
         row['readers'] = compare_readers(source, sampler, recipe, size, FLAGS.batch_size, seconds)
+      if FLAGS.readers and FLAGS.eval_clips and not FLAGS.data_dir and recipe == FLAGS.recipes[0]:
+        row['eval_passes'] = eval_passes(source, sampler, size, parse_readers())
       row['us_per_frame'] = stage_breakdown(source, sampler, recipe, size, FLAGS.batch_size,
                                             num_batches=2 if FLAGS.quick else 8)
       results.append(row)
@@ -244,7 +284,8 @@ def main(argv):
       'versions': {'python': platform.python_version(), 'numpy': np.__version__, 'opencv': cv2.__version__,
                    'grain': getattr(grain, '__version__', '?')},
       'settings': {'source': source_name, 'sampler': repr(sampler), 'batch_size': FLAGS.batch_size,
-                   'readers': FLAGS.readers, 'repeats': FLAGS.repeats,
+                   'readers': FLAGS.readers, 'repeats': FLAGS.repeats, 'eval_clips': FLAGS.eval_clips,
+                   'eval_batch_size': FLAGS.eval_batch_size, 'eval_pause_s': FLAGS.eval_pause,
                    'seconds_per_measurement': seconds, 'threads': threads, 'quick': FLAGS.quick},
       'results': results,
   }

@@ -267,6 +267,34 @@ def test_worker_processes_make_the_same_batches():
   failing.close()
 
 
+
+def test_eval_reader_keeps_its_workers_and_repeats_the_same_pass():
+  """EvalReader: each `for` is one pass, the batches of eval_batches (padding rows, clip transforms); with
+  workers, the same processes serve every pass, and a pass left unfinished does not shift the next."""
+  jpeg_source, _ = make_sources(num_clips=7, lengths=[20, 3, 30, 9, 16, 25, 12])
+  kwargs = dict(sampler='segments', image_size=16, batch_size=2, shard_index=1, shard_count=2, num_threads=2,
+                transforms={'draw_permutation': {'num_permutations': 10}})
+  expected = list(pipeline.eval_batches(jpeg_source, **kwargs))
+  assert len(expected) == 2 and not expected[-1]['mask'][-1]  # host 1 has 3 of the 7 clips
+  threads = pipeline.EvalReader(jpeg_source, **kwargs)
+  assert_batches_equal(expected, list(threads))
+  assert_batches_equal(expected, list(threads))
+  workers = pipeline.EvalReader(jpeg_source, num_workers=2, **kwargs)
+  assert not multiprocessing.active_children()  # they start with the first pass
+  assert_batches_equal(expected, list(workers))
+  processes = set(multiprocessing.active_children())
+  assert len(processes) == 2
+  for batch in workers:  # an evaluation stopped after one batch
+    break
+  assert_batches_equal(expected, list(workers))
+  assert_batches_equal(expected, list(workers))
+  assert set(multiprocessing.active_children()) == processes
+  workers.close()
+  assert not multiprocessing.active_children()
+  empty = pipeline.EvalReader([], num_workers=2, **kwargs)
+  assert list(empty) == [] and not multiprocessing.active_children()
+
+
 SHARED_MEMORY_SCRIPT = """
 import os, sys
 import numpy as np
@@ -504,9 +532,12 @@ def test_bench_input_quick_runs(tmp_path):
   out = tmp_path / 'bench.json'
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   subprocess.run([sys.executable, os.path.join(root, 'scripts', 'bench_input.py'), '--quick', '--sizes=16',
-                  '--num_clips=4', '--batch_size=2', '--seconds=0.2', '--readers=threads:2,workers:2', f'--out={out}'],
+                  '--num_clips=4', '--batch_size=2', '--seconds=0.2', '--readers=threads:2,workers:2', '--eval_clips=5',
+                  '--eval_batch_size=2', '--eval_pause=0.1', f'--out={out}'],
                  check=True, cwd=root, capture_output=True, text=True, timeout=120)
   report = json.loads(out.read_text())
   assert {row['image_size'] for row in report['results']} == {16}
   assert all(row['frames_per_s_one_thread'] > 0 for row in report['results'])
   assert all(row['readers']['workers:2']['median'] > 0 for row in report['results'])
+  passes = report['results'][0]['eval_passes']  # the first recipe's; every pass counted the 5 clips
+  assert passes['workers:2']['first_pass_s'] > 0 and len(passes['threads:2']['paused_pass_s']) == 1

@@ -82,6 +82,9 @@ def test_train_writes_metrics_reports_and_checkpoints(tmp_path, data_dir):
     assert os.path.getsize(tmp_path / name) > 0, name
   records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert [r['epoch'] for r in records if r['split'] == 'test'] == [1, 2, 3]
+  for before, record in zip(records, records[1:]):  # each pass's wall time, after the epoch's last train record
+    if record['split'] == 'test':
+      assert before['split'] == 'train' and 0 < record['seconds'] <= record['wall_time'] - before['wall_time']
   assert os.listdir(tmp_path / 'tensorboard')
 
 
@@ -110,6 +113,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, data_dir):
   epochs = [json.loads(line)['epoch'] for line in open(tmp_path / 'killed' / 'metrics.jsonl')
             if json.loads(line)['split'] == 'test']
   assert epochs == [1, 2, 3]  # no duplicated or lost epochs after the restart
+  # Evaluated by two worker processes after the restart, by threads in the straight run: the same numbers.
+  straight_tests, resumed_tests = ([record for record in map(json.loads, open(tmp_path / run / 'metrics.jsonl'))
+                                    if record['split'] == 'test'] for run in ('straight', 'killed'))
+  assert [r['confusion'] for r in straight_tests] == [r['confusion'] for r in resumed_tests]
   # The trainer reads the next batch while a step runs, but not past a save: each checkpoint's iterator state is
   # that of the batches its step trained on (4 clips each).
   for name in (name for name in os.listdir(tmp_path / 'killed' / 'checkpoints') if name.isdigit()):

@@ -189,6 +189,8 @@ def test_progress_bar_and_epoch_summary(capsys):
   assert writers.epoch_summary_line(1, {'loss': 2.0}, None, 5.0) == 'epoch 1 | train loss 2 | 5.0 s'
   assert writers.epoch_summary_line(1, None, {'uar': 0.5}, 5.0, eval_split='val', clips_per_second=12.34) == (
       'epoch 1 | val UAR 50.00% | 5.0 s, 12.3 clips/s')
+  assert writers.epoch_summary_line(1, None, {'uar': 0.5}, 5.0, clips_per_second=12.34, eval_seconds=1.25) == (
+      'epoch 1 | test UAR 50.00% | 5.0 s (evaluation 1.2 s), 12.3 clips/s')
 
 
 def test_metric_heads_get_their_own_scalars_line_and_table_columns(tmp_path):

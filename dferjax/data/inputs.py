@@ -14,7 +14,7 @@ import os
 import jax
 import ml_collections
 
-from dferjax import distributed
+from dferjax import distributed, sharding
 from dferjax.data import datasets, image_list, pipeline
 
 
@@ -71,9 +71,12 @@ def train_iterator(config: ml_collections.ConfigDict, source, local_batch_size: 
       num_workers=config.input.num_workers, start_batch=start_step)
 
 
-def eval_iterator(config: ml_collections.ConfigDict, source, local_batch_size: int):
-  """This host's share of one pass over the eval split (padding rows masked)."""
-  return pipeline.eval_batches(
+def eval_reader(config: ml_collections.ConfigDict, source) -> pipeline.EvalReader:
+  """This host's share of the eval split, one pass per `for batch in reader:` (padding rows masked). With
+  `config.input.num_workers` > 0 the reader keeps that many worker processes for the run (close() stops them):
+  they read the next pass ahead while the model trains."""
+  return pipeline.EvalReader(
       source, sampler=config.input.sampler.to_dict(), image_size=config.input.image_size,
-      batch_size=local_batch_size, shard_index=jax.process_index(), shard_count=jax.process_count(),
-      num_threads=config.input.num_threads, transforms=config.input.transforms.to_dict())
+      batch_size=sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size'),
+      shard_index=jax.process_index(), shard_count=jax.process_count(), num_threads=config.input.num_threads,
+      transforms=config.input.transforms.to_dict(), num_workers=config.input.num_workers)

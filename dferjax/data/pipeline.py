@@ -15,6 +15,7 @@ a seed and a step always give the same batch, whatever the thread or worker proc
     it = iter(train_dataset(source, sampler={'name': 'segments'}, augment='stt', image_size=112, batch_size=32, seed=0))
     it = train_iterator(source, ..., batch_size=32, num_workers=8, start_batch=k)  # from batch k, in 8 processes
     for batch in eval_batches(source, image_size=112, batch_size=64): ...  # 'mask' False on padding rows
+    reader = EvalReader(source, image_size=112, batch_size=64, num_workers=8)  # for batch in reader: one pass
 """
 import dataclasses
 import errno
@@ -405,16 +406,7 @@ class TrainIterator:
     return self
 
   def __next__(self):
-    try:
-      batch = next(self._iterator)
-    except (RuntimeError, OSError) as error:
-      # A worker that wrote past the end of a full /dev/shm dies of SIGBUS (exit code -7); with no room left at
-      # all, starting the workers fails to make their semaphores there (ENOSPC, no file named).
-      if not ('exit code -7' in str(error) or (isinstance(error, OSError) and error.errno == errno.ENOSPC
-                                               and error.filename is None)):
-        raise
-      raise OSError(f'the input worker processes failed making batch {self._next_batch}: {SHARED_MEMORY} is full '
-                    f'({error}). ' + _SHARED_MEMORY_ADVICE) from None  # not "disk full" (cli.os_error)
+    batch = next_batch(self._iterator, f'batch {self._next_batch}')
     self._next_batch += 1
     return batch
 
@@ -427,6 +419,20 @@ class TrainIterator:
     close = getattr(self._iterator, 'close', None)
     if close is not None:
       close()
+
+
+def next_batch(iterator, description: str):
+  """next(iterator), naming a full /dev/shm as the cause when the input worker processes failed for it."""
+  try:
+    return next(iterator)
+  except (RuntimeError, OSError) as error:
+    # A worker that wrote past the end of a full /dev/shm dies of SIGBUS (exit code -7); with no room left at
+    # all, starting the workers fails to make their semaphores there (ENOSPC, no file named).
+    if not ('exit code -7' in str(error) or (isinstance(error, OSError) and error.errno == errno.ENOSPC
+                                             and error.filename is None)):
+      raise
+    raise OSError(f'the input worker processes failed making {description}: {SHARED_MEMORY} is full '
+                  f'({error}). ' + _SHARED_MEMORY_ADVICE) from None  # not "disk full" (cli.os_error)
 
 
 def _as_transforms(transforms) -> tuple:
@@ -469,6 +475,16 @@ class EvalClip(grain.transforms.Map):
     return element
 
 
+def _eval_clips(source, *, sampler, image_size: int, batch_size: int, shard_index: int, shard_count: int,
+                interpolation: str, transforms) -> grain.MapDataset:
+  """This host's clips of one pass over `source`, padded to num_eval_batches(...) whole batches."""
+  _check_sharding(shard_index, shard_count)
+  records = np.arange(shard_index, len(source), shard_count)
+  num_clips = num_eval_batches(len(source), batch_size, shard_count) * batch_size
+  return grain.MapDataset.range(num_clips).map(EvalClip(source, records, sampling.make_sampler(sampler), image_size,
+                                                         interpolation, _as_transforms(transforms)))
+
+
 def eval_batches(source, *, sampler='segments', image_size: int = 112, batch_size: int, shard_index: int = 0,
                  shard_count: int = 1, interpolation: str = 'antialias', num_threads: int = 8,
                  prefetch: int = 2, transforms=None) -> grain.IterDataset:
@@ -476,12 +492,56 @@ def eval_batches(source, *, sampler='segments', image_size: int = 112, batch_siz
 
   Host `shard_index` reads records shard_index::shard_count. Every host yields num_eval_batches(len(source),
   batch_size, shard_count) batches (the global batch is assembled from all hosts); padding rows have zero
-  video, label 0 and mask False. `sampler` and `transforms` as in train_dataset.
+  video, label 0 and mask False. `sampler` and `transforms` as in train_dataset. Read with threads; EvalReader
+  reads passes with worker processes too.
   """
-  _check_sharding(shard_index, shard_count)
-  records = np.arange(shard_index, len(source), shard_count)
-  num_clips = num_eval_batches(len(source), batch_size, shard_count) * batch_size
-  clips = grain.MapDataset.range(num_clips).map(EvalClip(source, records, sampling.make_sampler(sampler), image_size,
-                                                          interpolation, _as_transforms(transforms)))
-  read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch * batch_size)
-  return clips.to_iter_dataset(read_options).batch(batch_size)
+  clips = _eval_clips(source, sampler=sampler, image_size=image_size, batch_size=batch_size,
+                      shard_index=shard_index, shard_count=shard_count, interpolation=interpolation,
+                      transforms=transforms)
+  return read_batches(clips, batch_size, num_threads=num_threads, prefetch=prefetch)
+
+
+class EvalReader:
+  """Passes over an eval split, one per `for batch in reader:`, each the batches of eval_batches(source, ...).
+
+  With worker processes (num_workers > 0), one set of processes serves every pass: they read the split over and
+  over, so between two evaluations (while the model trains) they make the next pass's first batches and then
+  wait, holding them in shared memory. An evaluation in training then starts with batches made, and the
+  processes start once per run, not once per evaluation. With threads, each pass reads afresh.
+  """
+
+  def __init__(self, source, *, sampler='segments', image_size: int = 112, batch_size: int, shard_index: int = 0,
+               shard_count: int = 1, interpolation: str = 'antialias', num_threads: int = 8, prefetch: int = 2,
+               transforms=None, num_workers: int = 0):
+    self.source = source
+    self.batch_size = batch_size
+    self.num_batches = num_eval_batches(len(source), batch_size, shard_count)
+    clip_options = dict(sampler=sampler, image_size=image_size, batch_size=batch_size, shard_index=shard_index,
+                        shard_count=shard_count, interpolation=interpolation, transforms=transforms)
+    self._options = dict(clip_options, num_threads=num_threads, prefetch=prefetch)
+    self._workers = None
+    self._batches_read = 0  # by the workers' iterator, over all passes
+    if num_workers and self.num_batches:
+      clips = _eval_clips(source, **clip_options)
+      self._workers = iter(read_batches(clips.repeat(None), batch_size, num_threads=0, prefetch=prefetch,
+                                        num_workers=num_workers))
+
+  def __iter__(self):
+    if self._workers is None:
+      yield from eval_batches(self.source, **self._options)
+      return
+    for _ in range(-self._batches_read % self.num_batches):  # the rest of a pass that was left unfinished
+      self._next_from_workers()
+    for _ in range(self.num_batches):
+      yield self._next_from_workers()
+
+  def _next_from_workers(self):
+    index = self._batches_read % self.num_batches
+    batch = next_batch(self._workers, f'evaluation batch {index + 1} of {self.num_batches}')
+    self._batches_read += 1
+    return batch
+
+  def close(self):
+    """Stops the worker processes, if any."""
+    if self._workers is not None:
+      self._workers.close()
