@@ -64,8 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.input.augment = 'none'  # a recipe of dferjax.data.augment.RECIPES
   config.input.transforms = ml_collections.ConfigDict()  # {name: {fields}} of pipeline.CLIP_TRANSFORMS, in order
   config.input.class_balanced = False
-  config.input.num_threads = 8  # reader threads (training with num_workers=0, and evaluation)
-  config.input.num_workers = 0  # > 0: processes that make the training batches instead of threads (the same batches)
+  config.input.num_threads = 8  # reader threads (with num_workers=0)
+  # > 0: processes that make the batches instead of threads (the same batches): that many for training, and as many
+  # per eval split, which read the next evaluation ahead while the model trains
+  config.input.num_workers = 0
   config.input.prefetch = 4  # training batches buffered ahead
 
   config.loss = ml_collections.ConfigDict({'name': 'cross_entropy'})  # {name, **fields} of losses.LOSSES

@@ -36,6 +36,9 @@
 #                       One trainer run per E2E_WORKERS value (default 0,12: threads, then 12 worker processes).
 #                       E2E_THREADS, E2E_PREFETCH, E2E_PROGRESS_BAR, E2E_ENCODING, E2E_STEPS set the trainer's
 #                       input (defaults: the config's, below); ~5-6 min, limit E2E_LIMIT (420 s)
+#     input             scripts/bench_input.py on the host's CPUs alone (no GPU work): 112-px `stt` clips read by
+#                       8 threads and by 12 worker processes, and passes over a DFEW-sized test split (2,341
+#                       clips) with each, after 5 s idle as between two evaluations; $OUT/input.json, ~1 min
 #   Issue 17 item 5, each other model at its paper batch against its PyTorch transcription (see model_stage):
 #     models            model_nr_dfernet model_aen model_ceflnet model_est: bf16 vs PyTorch eager, ~6 min
 #     models_fp32       model_<m>_fp32: float32 vs PyTorch eager, ~6 min
@@ -161,6 +164,11 @@ run_stage() {
         --num_workers="$E2E_WORKERS" \
         --prefetch="$E2E_PREFETCH" --progress_bar="$E2E_PROGRESS_BAR" ${E2E_STEPS:+--steps=$E2E_STEPS} \
         ${E2E_ENCODING:+--frame_encoding=$E2E_ENCODING} ;;
+    input)  # issue 17 item 4 on the GPU host's CPUs: the readers' ceilings, training and evaluation
+      local clips=2341 seconds=4
+      [ "$MODEL" = tiny ] && clips=300 seconds=1
+      limited input 120 $PYTHON scripts/bench_input.py --sizes=112 --recipes=stt --batch_size=128 \
+        --seconds=$seconds --readers=threads:8,workers:12 --eval_clips=$clips --eval_pause=5 --out="$OUT/input.json" ;;
     *) echo "unknown stage $1" | tee -a "$LOG" ;;
   esac
 }
@@ -188,4 +196,4 @@ for group in $STAGES; do
 done
 
 echo "== summary" | tee -a "$LOG"
-grep -E '^(dferjax|torch) .*(clips/s|memory|Error)|^== |^\| |^[A-Z_]+ \((paper|tiny)\)|^largest|^e2e: ' "$LOG"
+grep -E '^(dferjax|torch) .*(clips/s|memory|Error)|^== |^\| |^[A-Z_]+ \((paper|tiny)\)|^largest|^e2e: |^ *112px ' "$LOG"

@@ -306,7 +306,7 @@ def main():
   source = [{'frames': np.full((20, 32, 32, 3), i, np.uint8), 'label': i % 7, 'clip_id': str(i), 'num_frames': 20}
             for i in range(8)]
   kwargs = dict(augment='none', batch_size=4, seed=0, num_workers=2, prefetch=2)
-  try:  # 4 x 16 x 112 x 112 x 3 bytes a batch, 6 at a time: 14 MiB
+  try:  # 4 x 16 x 112 x 112 x 3 bytes a batch, 10 at a time: 23 MiB
     pipeline.train_dataset(source, image_size=112, **kwargs)
   except OSError as error:
     print('REFUSED', error)
@@ -341,7 +341,7 @@ def test_workers_name_a_full_shared_memory(tmp_path):
   if 'mount:' in result.stderr:
     pytest.skip(f'cannot mount a tmpfs: {result.stderr.strip()}')
   lines = {line.split(' ', 1)[0]: line for line in result.stdout.splitlines()}
-  assert 'up to 6 batches at a time' in lines['REFUSED'] and 'about 14 MiB' in lines['REFUSED']
+  assert 'up to 10 batches at a time' in lines['REFUSED'] and 'about 23 MiB' in lines['REFUSED']
   assert '8 MiB free' in lines['REFUSED'] and '--shm-size' in lines['REFUSED']
   assert 'config.input.num_workers' in lines['REFUSED']
   for name, cause in (('FAILED300000', 'exit code -7'), ('FAILED0', 'No space left on device')):

@@ -322,7 +322,9 @@ def read_batches(clips: grain.MapDataset, batch_size: int, *, num_threads: int, 
   if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app they keep their defaults
     flags.FLAGS.mark_as_parsed()
   buffered = max(1, -(-prefetch // num_workers))
-  check_shared_memory(clips[0], batch_size, batches_at_once=num_workers * (buffered + 1) + 2)
+  # Measured in /dev/shm: 2 * buffered + 2 batches per worker (the batch it is putting, its queue, and this
+  # process's reading thread's buffer and the batch in its hand), and up to two that the caller still holds.
+  check_shared_memory(clips[0], batch_size, batches_at_once=num_workers * (2 * buffered + 2) + 2)
   _start_quiet_resource_tracker()
   options = grain.multiprocessing.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffered)
   batches = clips.batch(batch_size, drop_remainder=True)
@@ -357,7 +359,7 @@ _SHARED_MEMORY_ADVICE = (f'Give {SHARED_MEMORY} more room (docker run --shm-size
 
 def check_shared_memory(clip: dict, batch_size: int, batches_at_once: int):
   """Refuses worker processes whose batches would not fit in /dev/shm: a worker writing past its end is killed
-  (SIGBUS) without a word. Each worker holds the batch it makes and its buffer; the reader two more."""
+  (SIGBUS) without a word. `batches_at_once`: what the workers and the reader hold at most (read_batches)."""
   if not os.path.isdir(SHARED_MEMORY):
     return
   needed = batches_at_once * batch_size * sum(np.asarray(value).nbytes for value in clip.values())
