@@ -76,7 +76,8 @@ def collect(steps: train.Steps, state, config: ml_collections.ConfigDict, reader
       # The global batch is the hosts' local batches in process order; host h reads records h::process_count.
       host, position = divmod(int(row), local_batch_size)
       record_index = host + (index * local_batch_size + position) * jax.process_count()
-      rows.append(clip_row(reader.source[record_index], {k: v[row] for k, v in batch_outputs.items()}, outputs, frames_of))
+      rows.append(clip_row(reader.source[record_index], {k: v[row] for k, v in batch_outputs.items()}, outputs,
+                           frames_of))
   return rows
 
 

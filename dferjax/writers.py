@@ -8,8 +8,8 @@
   eval records   'uar', 'war' (fractions), 'per_class' {class name: recall, null for a class with no clips},
                  'confusion' [[int]] (rows = true class, columns = predicted), 'num_clips', optionally 'loss'
                  and 'seconds' (the trainer's wall time for the pass, the eval step's compilation included the
-                 first time); and for each metric head of the model (metrics.MetricHead), '<head>': the same fields for
-                 that head's classes (EST's 'order', AEN's emotion groups).
+                 first time); and for each metric head of the model (metrics.MetricHead), '<head>': the same
+                 fields for that head's classes (EST's 'order', AEN's emotion groups).
 
 `MetricWriter.write_eval` builds eval records from a confusion matrix, so every producer agrees on this
 layout and `reports.collect_fold_results` can rely on it. TensorBoard events go to `workdir/tensorboard`:
