@@ -1,6 +1,7 @@
 """Two JAX processes on one machine (issue 16): `--distributed` against a local coordinator, one CPU device per
 process, gloo collectives, the tiny model on the synthetic dataset; and the launch recipes of docs/multihost.md
 (scripts/launch/) run as two local processes. Run alone: pytest -m multiprocess."""
+import json
 import os
 import random
 import shutil
@@ -147,9 +148,13 @@ def test_two_processes_killed_resume_exactly_and_change_count_like_one(tmp_path,
   audit = tmp_path / 'audit'
   audit.mkdir()
   (audit / 'sitecustomize.py').write_text(WRITES_AUDIT)
-  outputs = launch(two, data_dir, 2, *RUN, audit=audit)  # both restarted
+  # Both restarted, each making its batches, training and evaluation, in a worker process: the same batches.
+  outputs = launch(two, data_dir, 2, *RUN, '--config.input.num_workers=1', audit=audit)
   assert 'resumed from' in outputs[0], outputs[0]
   assert_same_params(one_process_run, two)
+  clips_evaluated = [[record['num_clips'] for record in map(json.loads, open(run / 'metrics.jsonl'))
+                      if record['split'] == 'test'] for run in (one_process_run, two)]
+  assert clips_evaluated[0] == clips_evaluated[1] == [7, 7]  # every test clip once, over both hosts' workers
   chief, other = (written_names(audit / f'writes_{i}.log', two) for i in range(2))
   assert {'metrics.jsonl', 'tensorboard', 'config.json', 'environment.json', 'results.json', 'confusion_matrix.png',
           'learning_curves.png', 'checkpoint_files', 'checkpoints'} <= chief
