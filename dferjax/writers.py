@@ -23,6 +23,7 @@ purge its events past it, and `read_records` also lets a later record replace ea
 split at a greater or equal step, so readers never see duplicated or out-of-order steps.
 """
 from collections.abc import Iterable, Mapping, Sequence
+import contextlib
 import json
 import logging
 import math
@@ -119,6 +120,62 @@ def read_records(path: str | os.PathLike, split: str | None = None) -> list[dict
   return [record for _, record in records if split is None or record['split'] == split]
 
 
+@contextlib.contextmanager
+def _naming_the_file(path):
+  try:
+    yield
+  except OSError as error:
+    if error.filename is not None or error.errno is None:
+      raise
+    raise OSError(error.errno, error.strerror, str(path)) from error
+
+
+class EventFile:
+  """A TensorBoard event file written in the caller's thread (tensorboardX's summaries and record format).
+
+  tensorboardX's SummaryWriter writes from a thread of its own: when a write fails (a full disk), that thread
+  prints a traceback and dies, and the next flush waits for it forever, so the run hangs instead of stopping. Here
+  the write raises OSError (naming the file) where the trainer stops with one line.
+  """
+
+  def __init__(self, directory: str | os.PathLike, purge_step: int | None = None):
+    from tensorboardX import event_file_writer  # pylint: disable=g-import-not-at-top  # the writing process only
+    os.makedirs(directory, exist_ok=True)
+    prefix = os.path.join(directory, 'events')
+    with _naming_the_file(directory):
+      self._events = event_file_writer.EventsWriter(prefix)  # events.out.tfevents.<time>.<host>
+    self.path = self._events._file_name  # pylint: disable=protected-access
+    if purge_step is not None:  # TensorBoard drops the events of earlier files with step >= purge_step
+      from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+      self._write(event_pb2.Event(step=purge_step, file_version='brain.Event:2'))
+      self._write(event_pb2.Event(step=purge_step, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+    self._write_summary(summary.scalar(tag, float(value)), step)
+
+  def add_image(self, tag: str, rgb: np.ndarray, step: int) -> None:
+    """rgb: uint8 [height, width, 3]."""
+    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+    self._write_summary(summary.image(tag, rgb, dataformats='HWC'), step)
+
+  def _write_summary(self, summary_proto, step: int) -> None:
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    self._write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_proto))
+
+  def _write(self, event) -> None:
+    with _naming_the_file(self.path):
+      self._events.write_event(event)
+
+  def flush(self) -> None:
+    with _naming_the_file(self.path):
+      self._events.flush()
+
+  def close(self) -> None:
+    with _naming_the_file(self.path):
+      self._events.close()
+
+
 class MetricWriter:
   """Appends metric records to `workdir/metrics.jsonl` and TensorBoard events to `workdir/tensorboard`.
 
@@ -169,11 +226,9 @@ class MetricWriter:
       self._summary_writer.close()
       self._summary_writer = None
 
-  def _tensorboard(self):
+  def _tensorboard(self) -> 'EventFile':
     if self._summary_writer is None:
-      import tensorboardX  # pylint: disable=g-import-not-at-top  # only the writing process needs it
-      self._summary_writer = tensorboardX.SummaryWriter(str(self.tensorboard_dir), purge_step=self._purge_step,
-                                                        flush_secs=30)
+      self._summary_writer = EventFile(self.tensorboard_dir, purge_step=self._purge_step)
       self._purge_step = None  # the purge event goes into this event file only
     return self._summary_writer
 
@@ -191,8 +246,9 @@ class MetricWriter:
       return record
     if self._file is None:
       raise ValueError(f'MetricWriter for {self.workdir} is closed')
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
+    with _naming_the_file(self.path):  # a full disk: the file it refused, for the one-line error
+      self._file.write(json.dumps(record) + '\n')
+      self._file.flush()
     if self._use_tensorboard:
       self._write_tensorboard(split, int(step), values, record)
     return record
@@ -218,7 +274,7 @@ class MetricWriter:
       if self._confusion_images and record.get('confusion') is not None:
         from dferjax import plots  # pylint: disable=g-import-not-at-top  # matplotlib only when drawing
         figure = plots.confusion_figure(np.asarray(record['confusion']), list(per_class))
-        summary_writer.add_image(f'{prefix}/confusion', plots.render_rgb(figure), step, dataformats='HWC')
+        summary_writer.add_image(f'{prefix}/confusion', plots.render_rgb(figure), step)
 
   def write_eval(self, step: int, epoch: float, confusion, class_names: Sequence[str], *, split: str = 'test',
                  allow_empty: bool = False, **extra_values) -> dict:

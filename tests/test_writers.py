@@ -1,7 +1,10 @@
 """JSONL records, resume truncation, TensorBoard event files (read back without TF), progress output."""
 import json
+import os
 import pathlib
 import struct
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -13,6 +16,8 @@ from tensorboardX.proto import event_pb2
 from dferjax import metrics
 from dferjax import writers
 from tfds_builders.labels import CLASS_NAMES
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def masked_crc(data: bytes) -> int:
@@ -223,3 +228,37 @@ def test_progress_bar_counts_finished_steps_not_dispatch():
     start = time.perf_counter()
     quiet.update(wait_for=_RunningStep())  # no bar, no wait: runs without a bar keep dispatching ahead
   assert time.perf_counter() - start < 0.2
+
+
+FULL_DISK_SCRIPT = """
+import resource, sys
+import numpy as np
+from dferjax import cli, writers
+workdir, limit, tensorboard = sys.argv[1], int(sys.argv[2]), sys.argv[3] == 'tensorboard'
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # writes past it fail with EFBIG, as on a full disk
+writer = writers.MetricWriter(workdir, enabled=True, tensorboard=tensorboard)
+try:
+  for step in range(1, 200):
+    writer.write_eval(step, step, np.eye(7, dtype=np.int64) * step, [str(i) for i in range(7)])
+except OSError as error:
+  print('STOPPED', step, cli.error_message(error, workdir))
+"""
+
+
+@pytest.mark.parametrize('tensorboard', ['tensorboard', 'jsonl'])
+def test_a_full_disk_stops_the_writer_with_the_file_named(tmp_path, tensorboard):
+  """A refused write raises OSError naming its file in the caller: tensorboardX's writer thread would print a
+  traceback and die, and the next flush waited for it forever (a trainer hung instead of stopping)."""
+  script = tmp_path / 'full.py'
+  script.write_text(FULL_DISK_SCRIPT)
+  limit = 30_000 if tensorboard == 'tensorboard' else 3_000  # an image is ~15 KB, a JSONL eval record ~0.5 KB
+  result = subprocess.run([sys.executable, str(script), str(tmp_path / 'run'), str(limit), tensorboard],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert 'Traceback' not in result.stderr and 'Exception in thread' not in result.stderr, result.stderr
+  stopped = [line for line in result.stdout.splitlines() if line.startswith('STOPPED')]
+  assert len(stopped) == 1, result.stdout + result.stderr
+  written = (sorted((tmp_path / 'run' / 'tensorboard').glob('events.out.tfevents.*'))[0]
+             if tensorboard == 'tensorboard' else tmp_path / 'run' / 'metrics.jsonl')
+  assert f'the disk refused a write ({written}): File too large' in stopped[0]
+  records = len(writers.read_records(tmp_path / 'run' / 'metrics.jsonl'))
+  assert int(stopped[0].split()[1]) == records + (tensorboard == 'jsonl')  # the JSONL has every record before
