@@ -3,6 +3,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from etils import epath
 
+from dferjax import cli
 from dferjax.data import augment, pipeline, sampling
 
 SIZE = 24  # stored frame size of the test sources
@@ -293,6 +295,24 @@ def test_eval_reader_keeps_its_workers_and_repeats_the_same_pass():
   assert not multiprocessing.active_children()
   empty = pipeline.EvalReader([], num_workers=2, **kwargs)
   assert list(empty) == [] and not multiprocessing.active_children()
+
+
+def test_a_killed_worker_is_named_in_one_line():
+  """A worker process killed (the out-of-memory killer's SIGKILL): grain's RuntimeError becomes a
+  ChildProcessError (an OSError: one line from the command-line tools) saying which batch, how, and what to do."""
+  jpeg_source, _ = make_sources(num_clips=7)
+  workers = pipeline.train_iterator(jpeg_source, sampler='segments', augment='none', image_size=16, batch_size=2,
+                                    seed=0, prefetch=2, num_workers=2)
+  next(workers)
+  os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+  with pytest.raises(ChildProcessError) as raised:
+    for _ in range(20):  # the batches that worker made before are read first
+      next(workers)
+  message = str(raised.value)
+  assert message.startswith('an input worker process died making batch ') and 'killed by SIGKILL' in message
+  assert 'out-of-memory killer' in message and 'config.input.num_workers' in message
+  assert cli.error_message(raised.value) == message  # no "disk" wording, no exception type prefix
+  workers.close()
 
 
 SHARED_MEMORY_SCRIPT = """

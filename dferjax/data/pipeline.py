@@ -22,6 +22,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -423,18 +424,33 @@ class TrainIterator:
       close()
 
 
+_WORKER_DIED = re.compile(r'Worker process was terminated unexpectedly with exit code (-?\d+)')
+
+
 def next_batch(iterator, description: str):
-  """next(iterator), naming a full /dev/shm as the cause when the input worker processes failed for it."""
+  """next(iterator), saying in one line why when an input worker process died or could not start for it."""
   try:
     return next(iterator)
   except (RuntimeError, OSError) as error:
+    died = _WORKER_DIED.search(str(error))
     # A worker that wrote past the end of a full /dev/shm dies of SIGBUS (exit code -7); with no room left at
     # all, starting the workers fails to make their semaphores there (ENOSPC, no file named).
-    if not ('exit code -7' in str(error) or (isinstance(error, OSError) and error.errno == errno.ENOSPC
-                                             and error.filename is None)):
+    if (died and int(died[1]) == -signal.SIGBUS) or (isinstance(error, OSError) and error.errno == errno.ENOSPC
+                                                     and error.filename is None):
+      raise OSError(f'the input worker processes failed making {description}: {SHARED_MEMORY} is full '
+                    f'({error}). ' + _SHARED_MEMORY_ADVICE) from None  # not "disk full" (cli.os_error)
+    if not died:
       raise
-    raise OSError(f'the input worker processes failed making {description}: {SHARED_MEMORY} is full '
-                  f'({error}). ' + _SHARED_MEMORY_ADVICE) from None  # not "disk full" (cli.os_error)
+    code = int(died[1])
+    how = f'exit code {code}'
+    if code < 0:
+      name = signal.Signals(-code).name if -code in signal.valid_signals() else f'signal {-code}'
+      how = f'killed by {name}' + ('; on Linux usually the out-of-memory killer: see dmesg'
+                                   if -code == signal.SIGKILL else '')
+    raise ChildProcessError(  # an OSError: the command-line tools print it in one line
+        f'an input worker process died making {description} ({how}). Each worker is a process of about 240 MB '
+        'plus its batches: use fewer (config.input.num_workers; 0 reads with threads) or give the host more '
+        'memory, and rerun the same command (a training run resumes from its last checkpoint).') from None
 
 
 def _as_transforms(transforms) -> tuple:
