@@ -17,6 +17,8 @@ EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 # The disk refused a write: it is full, a quota is used up, or the file-size limit (ulimit -f) is reached.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Grain adds this note to an error raised in its pipeline: about the traceback, which the one-line message omits.
+_TRACEBACK_NOTE = 'Grain has removed its internal frames from the traceback'
 
 
 def os_error(error: BaseException) -> OSError | None:
@@ -58,7 +60,8 @@ def error_message(error: BaseException, workdir: str | None = None) -> str:
     return f'cannot write{where}: {found.strerror}. Give a directory you can write (--workdir, --data_dir).'
   text = str(error) if isinstance(error, (ValueError, OSError, FloatingPointError)) else \
       f'{type(error).__name__}: {error}'
-  return '\n'.join([text, *getattr(error, '__notes__', [])])
+  notes = [note for note in getattr(error, '__notes__', []) if _TRACEBACK_NOTE not in note]
+  return '\n'.join([text, *notes])
 
 
 def run(fn: Callable, *, verbose: bool = False, workdir: str | None = None):

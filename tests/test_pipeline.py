@@ -482,8 +482,10 @@ def test_corrupt_jpeg_names_clip_and_frame():
   jpeg_source, _ = make_sources(num_clips=2, lengths=[16, 16])
   jpeg_source[1]['frames'][7] = b'\xff\xd8 not a jpeg'
   # 8 x 2 test offsets on 16 frames read every frame.
-  with pytest.raises(ValueError, match=r"clip '00001': frame 7 is not a decodable image"):
-    list(pipeline.eval_batches(jpeg_source, image_size=16, batch_size=2, num_threads=0))
+  with pytest.raises(ValueError, match=r"clip '00001': frame 7 is not a decodable image") as raised:
+    list(pipeline.eval_batches(jpeg_source, image_size=16, batch_size=2, num_threads=2))
+  # What the command-line tools print: the one line, without grain's note about the traceback they do not show.
+  assert cli.error_message(raised.value) == "clip '00001': frame 7 is not a decodable image (13 bytes)"
   with pytest.raises(ValueError, match=r"clip '00000'.*num_frames=15 but it has 16 frames"):
     list(pipeline.eval_batches([{**jpeg_source[0], 'num_frames': 15}], image_size=16, batch_size=1))
   with pytest.raises(ValueError, match=r"lacks \['label'\]"):
