@@ -139,29 +139,27 @@ class EventFile:
   """
 
   def __init__(self, directory: str | os.PathLike, purge_step: int | None = None):
-    from tensorboardX import event_file_writer  # pylint: disable=g-import-not-at-top  # the writing process only
+    # pylint: disable=g-import-not-at-top  # only the writing process needs tensorboardX
+    from tensorboardX import event_file_writer, summary
+    from tensorboardX.proto import event_pb2
+    self._summary, self._event_pb2 = summary, event_pb2
     os.makedirs(directory, exist_ok=True)
-    prefix = os.path.join(directory, 'events')
     with _naming_the_file(directory):
-      self._events = event_file_writer.EventsWriter(prefix)  # events.out.tfevents.<time>.<host>
+      self._events = event_file_writer.EventsWriter(os.path.join(directory, 'events'))  # events.out.tfevents.<t>.<host>
     self.path = self._events._file_name  # pylint: disable=protected-access
     if purge_step is not None:  # TensorBoard drops the events of earlier files with step >= purge_step
-      from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
       self._write(event_pb2.Event(step=purge_step, file_version='brain.Event:2'))
       self._write(event_pb2.Event(step=purge_step, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
   def add_scalar(self, tag: str, value: float, step: int) -> None:
-    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
-    self._write_summary(summary.scalar(tag, float(value)), step)
+    self._write_summary(self._summary.scalar(tag, float(value)), step)
 
   def add_image(self, tag: str, rgb: np.ndarray, step: int) -> None:
     """rgb: uint8 [height, width, 3]."""
-    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
-    self._write_summary(summary.image(tag, rgb, dataformats='HWC'), step)
+    self._write_summary(self._summary.image(tag, rgb, dataformats='HWC'), step)
 
   def _write_summary(self, summary_proto, step: int) -> None:
-    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-    self._write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_proto))
+    self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_proto))
 
   def _write(self, event) -> None:
     with _naming_the_file(self.path):
