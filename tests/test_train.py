@@ -7,6 +7,7 @@ import sys
 import tempfile
 import time
 
+import cv2
 import jax
 import numpy as np
 import pytest
@@ -249,3 +250,18 @@ def test_ctrl_c_stops_within_seconds_naming_the_last_checkpoint(tmp_path, data_d
   last = max(int(name) for name in os.listdir(tmp_path / 'checkpoints') if name.isdigit())
   assert f'interrupted: the last checkpoint is {tmp_path / "checkpoints" / str(last)}' in output
 
+
+
+def test_frames_smaller_than_the_model_input_get_a_note(capsys):
+  """A px112 build under a 224-px model trains on enlarged frames: said once at the start, not silently."""
+  from dferjax.data import inputs  # pylint: disable=import-outside-toplevel
+  config = configlib.load_config(TINY_CONFIG)
+  source = [{'frames': np.zeros((3, 16, 16, 3), np.uint8), 'label': 0, 'clip_id': 'a', 'num_frames': 3}]
+  inputs.note_enlarged_frames(config, source)  # 16-px frames, image_size 32
+  assert capsys.readouterr().out == ('note: dfew/fold1_px32 stores 16-px frames and config.input.image_size=32 '
+                                     'enlarges each 2.00x (frames stored at 32 px or more keep more detail: a px32 '
+                                     'build)\n')
+  jpeg = [dict(source[0], frames=[cv2.imencode('.jpg', np.zeros((32, 32, 3), np.uint8))[1].tobytes()] * 3)]
+  inputs.note_enlarged_frames(config, jpeg)  # stored at the input size: nothing to say
+  inputs.note_enlarged_frames(config, [])
+  assert capsys.readouterr().out == ''

@@ -41,7 +41,24 @@ def data_sources(config: ml_collections.ConfigDict):
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices('synthetic dataset ready')
-  return split_source(config, config.dataset.train_split), split_source(config, config.dataset.eval_split)
+  train_source = split_source(config, config.dataset.train_split)
+  if jax.process_index() == 0:
+    note_enlarged_frames(config, train_source)
+  return train_source, split_source(config, config.dataset.eval_split)
+
+
+def note_enlarged_frames(config: ml_collections.ConfigDict, source) -> None:
+  """Prints a note when the stored frames are smaller than config.input.image_size: every frame is then enlarged
+  and has less detail than a build at that size has (say a px112 build under a 224-px model)."""
+  if not len(source):
+    return
+  record = source[0]
+  stored = min(pipeline.decode_frames(record['frames'][:1], [0], record.get('clip_id')).shape[1:3])
+  wanted = config.input.image_size
+  if stored < wanted:
+    print(f'note: {config.dataset.name} stores {stored}-px frames and config.input.image_size={wanted} enlarges each '
+          f'{wanted / stored:.2f}x (frames stored at {wanted} px or more keep more detail: a px{wanted} build)',
+          flush=True)
 
 
 def split_source(config: ml_collections.ConfigDict, split: str):
