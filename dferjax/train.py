@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import os
+import socket
 import time
 from typing import Any, Callable
 
@@ -299,12 +301,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
   local_batch_size = sharding.check_batch_size(config.batch_size)
   os.makedirs(workdir, exist_ok=True)
-  checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric,
-                                           also_best=validation.checkpoint_metric(config))
-  try:  # closed on any error too: Orbax's background threads must not outlive the interpreter's executors
-    return _train_and_evaluate(config, workdir, checkpoints, local_batch_size)
+  with workdir_lock(workdir):  # before Orbax, which removes the half-written saves it finds
+    checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric,
+                                             also_best=validation.checkpoint_metric(config))
+    try:  # closed on any error too: Orbax's background threads must not outlive the interpreter's executors
+      return _train_and_evaluate(config, workdir, checkpoints, local_batch_size)
+    finally:
+      checkpoints.close()
+
+
+LOCK_FILENAME = 'run.lock'
+
+
+class WorkdirInUseError(OSError):
+  """Another run trains in the workdir: its process holds the workdir's lock."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds `<workdir>/run.lock` (flock, process 0) while a run trains there. A second run in the same workdir (the
+  command started twice, or a scheduler's requeue while the first still runs) would resume from the first's
+  checkpoints, remove its half-written save and interleave its records; it stops instead, naming the holder. The
+  kernel releases the lock when its process ends, however it ends. Where the filesystem has no locks, no lock."""
+  if jax.process_index() != 0:
+    yield
+    return
+  path = os.path.join(workdir, LOCK_FILENAME)
+  descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      locked = True
+    except BlockingIOError:
+      holder = os.read(descriptor, 1024).decode(errors='replace').strip() or 'a process that has not said which'
+      raise WorkdirInUseError(f'another run is training in {workdir} ({holder}): two runs there would share its '
+                              'checkpoints and records. Wait for it to end or stop it (the same command then '
+                              'resumes), or give this run another --workdir.') from None
+    except OSError as error:  # a filesystem without flock (some network mounts)
+      print(f'note: cannot lock {path} ({error.strerror}); nothing stops a second run in this workdir', flush=True)
+      locked = False
+    if locked:
+      os.ftruncate(descriptor, 0)
+      os.pwrite(descriptor, f'pid {os.getpid()} on {socket.gethostname()}, since '
+                f'{time.strftime("%Y-%m-%d %H:%M:%S %Z")}\n'.encode(), 0)
+    yield
   finally:
-    checkpoints.close()
+    os.close(descriptor)  # releases the lock; the file stays, naming the last holder
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoints,

@@ -265,3 +265,16 @@ def test_frames_smaller_than_the_model_input_get_a_note(capsys):
   inputs.note_enlarged_frames(config, jpeg)  # stored at the input size: nothing to say
   inputs.note_enlarged_frames(config, [])
   assert capsys.readouterr().out == ''
+
+
+def test_a_second_run_in_a_busy_workdir_stops_before_touching_it(tmp_path, data_dir):
+  """The same command started twice: the second stops naming the first's process, and leaves the workdir alone
+  (Orbax would remove the first's half-written save); once the first ends, the workdir is free again."""
+  config = tiny_config(data_dir, 'epochs=1')
+  with train.workdir_lock(str(tmp_path)):  # the first run, holding the lock
+    with pytest.raises(train.WorkdirInUseError, match=rf'another run is training in {tmp_path} \(pid {os.getpid()} '
+                                                      r'on .*, since .*\).*another --workdir'):
+      train.train_and_evaluate(config, str(tmp_path))
+    assert os.listdir(tmp_path) == ['run.lock']
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result['num_clips'] == 7
