@@ -12,8 +12,8 @@ import re
 import sys
 from typing import Callable
 
-# Bad input, a bad config, an unwritable or full disk, a non-finite loss: the message says what to do.
-EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
+# Bad input, a bad config, an unwritable or full disk, a non-finite loss, memory run out: the message says what to do.
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, ImportError, MemoryError)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 # The disk refused a write: it is full, a quota is used up, or the file-size limit (ulimit -f) is reached.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -58,7 +58,9 @@ def error_message(error: BaseException, workdir: str | None = None) -> str:
             'space (or raise the file-size limit, ulimit -f) and rerun.')
   if found is not None and found.errno in _NOT_WRITABLE:
     return f'cannot write{where}: {found.strerror}. Give a directory you can write (--workdir, --data_dir).'
-  text = str(error) if isinstance(error, (ValueError, OSError, FloatingPointError)) else \
+  if isinstance(error, MemoryError) and not str(error):  # Python's own, without a message
+    return 'this host ran out of memory (MemoryError)'
+  text = str(error) if isinstance(error, (ValueError, OSError, FloatingPointError, MemoryError)) else \
       f'{type(error).__name__}: {error}'
   notes = [note for note in getattr(error, '__notes__', []) if _TRACEBACK_NOTE not in note]
   return '\n'.join([text, *notes])

@@ -64,7 +64,8 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
     checkpoints.close()
   split = split or config.dataset.eval_split
   name = re.sub(r'[^\w-]', '_', split)  # a TFDS slice such as 'test[:50%]' in a file name
-  with contextlib.closing(inputs.eval_reader(config, inputs.split_source(config, split))) as reader:
+  with train.device_memory_errors(config), \
+       contextlib.closing(inputs.eval_reader(config, inputs.split_source(config, split))) as reader:
     result = train.evaluate(steps, state, config, reader)
     result['step'] = chosen
     result.update(clip_report.report(steps, state, config, reader,

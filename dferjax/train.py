@@ -10,6 +10,7 @@ import fcntl
 import functools
 import json
 import os
+import re
 import socket
 import time
 from typing import Any, Callable
@@ -23,7 +24,7 @@ import optax
 from flax.training import train_state
 
 from dferjax import checkpoint as checkpoint_lib
-from dferjax import distributed, environment, losses, metrics, models, reports, sharding, writers
+from dferjax import benchmarking, distributed, environment, losses, metrics, models, reports, sharding, writers
 from dferjax.data import inputs, pipeline, sampling, validation
 
 
@@ -301,13 +302,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
   local_batch_size = sharding.check_batch_size(config.batch_size)
   os.makedirs(workdir, exist_ok=True)
-  with workdir_lock(workdir):  # before Orbax, which removes the half-written saves it finds
+  with workdir_lock(workdir), device_memory_errors(config):  # the lock before Orbax, which removes half-written saves
     checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric,
                                              also_best=validation.checkpoint_metric(config))
     try:  # closed on any error too: Orbax's background threads must not outlive the interpreter's executors
       return _train_and_evaluate(config, workdir, checkpoints, local_batch_size)
     finally:
       checkpoints.close()
+
+
+class DeviceOutOfMemoryError(MemoryError):
+  """XLA ran out of device memory (RESOURCE_EXHAUSTED), at compilation or at run time."""
+
+
+@contextlib.contextmanager
+def device_memory_errors(config: ml_collections.ConfigDict):
+  """XLA's out-of-memory error (a traceback from deep inside it) -> DeviceOutOfMemoryError: one line saying what
+  ran out, with which batches, and what to change."""
+  try:
+    yield
+  except Exception as error:  # pylint: disable=broad-except  # re-raised unless XLA ran out of device memory
+    if isinstance(error, MemoryError) or not benchmarking.is_resource_exhausted(error):
+      raise
+    found = re.search(r'(RESOURCE_EXHAUSTED|[Oo]ut of memory)[^\n]*', str(error))
+    train_batch, eval_batch = (batch // jax.device_count() for batch in (config.batch_size, config.eval_batch_size))
+    raise DeviceOutOfMemoryError(
+        f'the device ran out of memory ({found[0][:200] if found else type(error).__name__}) with '
+        f'{config.model_name} at config.batch_size={config.batch_size} ({train_batch} clips per device), '
+        f'config.eval_batch_size={config.eval_batch_size} ({eval_batch} clips per device), '
+        f'{config.input.image_size} px, dtype {config.dtype}. Lower the batch size (scripts/bench_train.py '
+        '--max_batch finds the largest train batch that fits), train in bfloat16, or recompute activations where '
+        'the model offers it (CEFLNet: config.model.remat_backbone=True).') from error
 
 
 LOCK_FILENAME = 'run.lock'

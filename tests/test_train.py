@@ -278,3 +278,19 @@ def test_a_second_run_in_a_busy_workdir_stops_before_touching_it(tmp_path, data_
     assert os.listdir(tmp_path) == ['run.lock']
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result['num_clips'] == 7
+
+
+def test_device_out_of_memory_is_one_line_naming_the_batch(tmp_path, data_dir):
+  """XLA's RESOURCE_EXHAUSTED (here a real one: a token MLP of 2^33 hidden units, 1 TiB of parameters, on the
+  CPU) becomes one line saying what ran out at which batch and what to change."""
+  from dferjax import cli  # pylint: disable=import-outside-toplevel
+  config = tiny_config(data_dir, **{'model.mlp_ratio': 2.0 ** 28})
+  with pytest.raises(train.DeviceOutOfMemoryError) as raised:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = cli.error_message(raised.value)
+  per_device = 4 // jax.device_count()
+  assert message.startswith('the device ran out of memory (Out of memory allocating 1099511627776 bytes') and (
+      f'with stt at config.batch_size=4 ({per_device} clips per device), config.eval_batch_size=8 '
+      f'({2 * per_device} clips per device), 32 px, dtype float32. Lower the batch size' in message), message
+  assert '\n' not in message
+  assert not cli.error_message(MemoryError()).startswith('MemoryError')  # Python's own, empty: still a sentence
