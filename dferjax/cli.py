@@ -21,17 +21,25 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _TRACEBACK_NOTE = 'Grain has removed its internal frames from the traceback'
 
 
+# array_record (TFDS's file format, riegeli) names the refused write in its RuntimeError's text only.
+_RECORD_WRITE_FAILED = re.compile(r'write\(\) failed: ([^;]+); writing ([^;]+);')
+_DISK_FULL_BY_TEXT = {os.strerror(code): code for code in DISK_FULL}
+
+
 def os_error(error: BaseException) -> OSError | None:
-  """The OSError behind `error`. Orbax and grain re-raise a worker's failure under their own type, and
-  tensorstore (Orbax's array writer) raises a ValueError that carries the errno in its text only: a full disk
-  or file-size limit there ("... Failed to write 16574 bytes to file 12: File too large [os_error_code='27']")
-  comes back as an OSError without a file name."""
+  """The OSError behind `error`. Orbax and grain re-raise a worker's failure under their own type; tensorstore
+  (Orbax's array writer) raises a ValueError that carries the errno in its text only: a full disk or file-size
+  limit there ("... Failed to write 16574 bytes to file 12: File too large [os_error_code='27']") comes back as
+  an OSError without a file name; array_record's ("write() failed: File too large; writing <path>; ...") as one
+  naming its file."""
   seen = set()
   while error is not None and id(error) not in seen:
     if isinstance(error, OSError) and error.errno is not None:
       return error
     if (code := re.search(r"\[os_error_code='(\d+)'\]", str(error))) and int(code[1]) in DISK_FULL:
       return OSError(int(code[1]), os.strerror(int(code[1])))
+    if (failed := _RECORD_WRITE_FAILED.search(str(error))) and failed[1] in _DISK_FULL_BY_TEXT:
+      return OSError(_DISK_FULL_BY_TEXT[failed[1]], failed[1], failed[2])
     seen.add(id(error))
     error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)  # `from None` ends it
   return None
@@ -54,8 +62,9 @@ def error_message(error: BaseException, workdir: str | None = None) -> str:
   found = os_error(error)
   where = f' ({found.filename})' if found is not None and found.filename else ''
   if found is not None and found.errno in DISK_FULL:
-    return (f'the disk refused a write{where}: {found.strerror}; stopped, {last_checkpoint(workdir)}. Free some '
-            'space (or raise the file-size limit, ulimit -f) and rerun.')
+    checkpoint = f', {last_checkpoint(workdir)}' if workdir else ''  # a training run's; other tools have none
+    return (f'the disk refused a write{where}: {found.strerror}; stopped{checkpoint}. Free some space (or raise the '
+            'file-size limit, ulimit -f) and rerun.')
   if found is not None and found.errno in _NOT_WRITABLE:
     return f'cannot write{where}: {found.strerror}. Give a directory you can write (--workdir, --data_dir).'
   if isinstance(error, MemoryError) and not str(error):  # Python's own, without a message
@@ -75,8 +84,9 @@ def run(fn: Callable, *, verbose: bool = False, workdir: str | None = None):
       raise
     sys.stderr.write(f'\ninterrupted: {last_checkpoint(workdir)}\n' if workdir else '\ninterrupted\n')
     sys.exit(130)
-  except EXPECTED_ERRORS as error:
-    if verbose:
+  except Exception as error:  # pylint: disable=broad-except  # re-raised unless expected
+    # Expected: the types above, and a library's own type around an OS error (array_record's RuntimeError).
+    if verbose or not (isinstance(error, EXPECTED_ERRORS) or os_error(error) is not None):
       raise
     sys.stderr.write(f'error: {error_message(error, workdir)}\n')
     sys.exit(1)

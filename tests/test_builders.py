@@ -207,6 +207,25 @@ def test_corrupt_frame_fails_naming_file_and_leaves_nothing_readable(small_dfew,
   assert len(datasets.data_source(f'dfew/fold1_px{SIZE}', 'train', data_dir)) > 0
 
 
+def test_a_full_disk_stops_the_build_in_one_line_and_a_rerun_builds(dfew, tmp_path):
+  """array_record reports a refused write as a RuntimeError with the error in its text: the build script prints
+  the one disk-full line naming the file (here past a file-size limit, as on a full disk), and the next run,
+  with room, builds the config as if nothing had happened."""
+  root, clips = dfew
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  command = [sys.executable, os.path.join(repo, 'scripts', 'build_dataset.py'), '--dataset=dfew',
+             f'--manual_dir={root}', f'--data_dir={tmp_path}', '--configs=fold1_px112']
+  limited = subprocess.run(['bash', '-c', 'ulimit -f 100 && exec "$@"', 'bash', *command], capture_output=True,
+                           text=True, timeout=300, cwd=repo)
+  assert limited.returncode == 1 and 'Traceback' not in limited.stderr, limited.stderr
+  error, = [line for line in limited.stderr.splitlines() if line.startswith('error: ')]
+  assert re.fullmatch(rf'error: the disk refused a write \({tmp_path}/dfew/fold1/incomplete\.\w+_1\.0\.0/'
+                      r'dfew-train\.array_record-00000-of-00001\): File too large; stopped\. Free some space '
+                      r'\(or raise the file-size limit, ulimit -f\) and rerun\.', error), error
+  subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=repo, check=True)
+  assert len(datasets.data_source('dfew/fold1', 'train', str(tmp_path))) == len(_dfew_expected(clips, 1, 'train'))
+
+
 def test_parallel_build_of_two_configs(small_dfew, tmp_path):
   """Process pool path (spawned workers): a failure names the frame and leaves nothing; then every config builds."""
   data_dir = tmp_path / 'data'
