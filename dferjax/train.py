@@ -301,7 +301,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   distributed.check_posix_path(workdir, '--workdir', 'workdir')
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
   local_batch_size = sharding.check_batch_size(config.batch_size)
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except (FileExistsError, NotADirectoryError):  # it, or a folder above it, is a file
+    path = os.path.abspath(workdir)
+    while path != os.path.dirname(path) and not os.path.isfile(path):
+      path = os.path.dirname(path)
+    raise ValueError(f'--workdir {workdir}: {path} is a file, not a directory; give a directory (it is made if '
+                     'missing)') from None
   with workdir_lock(workdir), device_memory_errors(config):  # the lock before Orbax, which removes half-written saves
     checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric,
                                              also_best=validation.checkpoint_metric(config))

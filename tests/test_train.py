@@ -271,6 +271,11 @@ def test_a_second_run_in_a_busy_workdir_stops_before_touching_it(tmp_path, data_
   """The same command started twice: the second stops naming the first's process, and leaves the workdir alone
   (Orbax would remove the first's half-written save); once the first ends, the workdir is free again."""
   config = tiny_config(data_dir, 'epochs=1')
+  (tmp_path / 'file').write_text('')
+  for workdir in (tmp_path / 'file', tmp_path / 'file' / 'run'):  # a file where the workdir, or a folder above, is
+    with pytest.raises(ValueError, match=rf'--workdir {workdir}: {tmp_path / "file"} is a file, not a directory'):
+      train.train_and_evaluate(config, str(workdir))
+  (tmp_path / 'file').unlink()
   with train.workdir_lock(str(tmp_path)):  # the first run, holding the lock
     with pytest.raises(train.WorkdirInUseError, match=rf'another run is training in {tmp_path} \(pid {os.getpid()} '
                                                       r'on .*, since .*\).*another --workdir'):
