@@ -363,7 +363,6 @@ def workdir_lock(workdir: str):
   try:
     try:
       fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      locked = True
     except BlockingIOError:
       holder = os.read(descriptor, 1024).decode(errors='replace').strip() or 'a process that has not said which'
       raise WorkdirInUseError(f'another run is training in {workdir} ({holder}): two runs there would share its '
@@ -371,8 +370,7 @@ def workdir_lock(workdir: str):
                               'resumes), or give this run another --workdir.') from None
     except OSError as error:  # a filesystem without flock (some network mounts)
       print(f'note: cannot lock {path} ({error.strerror}); nothing stops a second run in this workdir', flush=True)
-      locked = False
-    if locked:
+    else:
       os.ftruncate(descriptor, 0)
       os.pwrite(descriptor, f'pid {os.getpid()} on {socket.gethostname()}, since '
                 f'{time.strftime("%Y-%m-%d %H:%M:%S %Z")}\n'.encode(), 0)

@@ -534,19 +534,19 @@ class EvalReader:
     self.source = source
     self.batch_size = batch_size
     self.num_batches = num_eval_batches(len(source), batch_size, shard_count)
-    clip_options = dict(sampler=sampler, image_size=image_size, batch_size=batch_size, shard_index=shard_index,
-                        shard_count=shard_count, interpolation=interpolation, transforms=transforms)
-    self._options = dict(clip_options, num_threads=num_threads, prefetch=prefetch)
+    self._clips = _eval_clips(source, sampler=sampler, image_size=image_size, batch_size=batch_size,
+                              shard_index=shard_index, shard_count=shard_count, interpolation=interpolation,
+                              transforms=transforms)
+    self._num_threads, self._prefetch = num_threads, prefetch
     self._workers = None
     self._batches_read = 0  # by the workers' iterator, over all passes
     if num_workers and self.num_batches:
-      clips = _eval_clips(source, **clip_options)
-      self._workers = iter(read_batches(clips.repeat(None), batch_size, num_threads=0, prefetch=prefetch,
+      self._workers = iter(read_batches(self._clips.repeat(None), batch_size, num_threads=0, prefetch=prefetch,
                                         num_workers=num_workers))
 
   def __iter__(self):
-    if self._workers is None:
-      yield from eval_batches(self.source, **self._options)
+    if self._workers is None:  # the threads of eval_batches, afresh each pass
+      yield from read_batches(self._clips, self.batch_size, num_threads=self._num_threads, prefetch=self._prefetch)
       return
     for _ in range(-self._batches_read % self.num_batches):  # the rest of a pass that was left unfinished
       self._next_from_workers()
