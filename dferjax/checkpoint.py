@@ -48,6 +48,14 @@ class _QuietDiskFull(logging.Filter):
     return not (record.exc_info and record.exc_info[1] is not None and cli.is_disk_full(record.exc_info[1]))
 
 
+class _QuietStepSaves(logging.Filter):
+  """A save between evaluations (`checkpoint_every_steps`, a SIGTERM's) has no metrics by design; Orbax warns of
+  each ('Requested `tracked_metric`; did not provide metrics.'). Such a checkpoint is never the best one."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Requested `tracked_metric`; did not provide metrics')
+
+
 def _quiet_closed_event_loop(previous: Callable) -> Callable:
   """When one write of a save fails, Orbax closes the save's event loop while tensorstore still finishes the
   others; each then reports 'Event loop is closed' as an unraisable error. Only those are dropped."""
@@ -59,10 +67,11 @@ def _quiet_closed_event_loop(previous: Callable) -> Callable:
 
 
 def _quiet_failed_saves():
-  """A save the disk refused is reported once, by the error it raises (see `Checkpoints.check_for_errors`)."""
-  for name in ('absl', 'asyncio'):  # Orbax logs through absl
-    if not any(isinstance(f, _QuietDiskFull) for f in logging.getLogger(name).filters):
-      logging.getLogger(name).addFilter(_QuietDiskFull())
+  """A save the disk refused is reported once, by the error it raises (see `Checkpoints.check_for_errors`); a save
+  without metrics is not reported."""
+  for name, quiet in (('absl', _QuietDiskFull), ('asyncio', _QuietDiskFull), ('absl', _QuietStepSaves)):
+    if not any(isinstance(f, quiet) for f in logging.getLogger(name).filters):  # Orbax logs through absl
+      logging.getLogger(name).addFilter(quiet())
   if not getattr(sys.unraisablehook, 'quiets_closed_event_loop', False):
     sys.unraisablehook = _quiet_closed_event_loop(sys.unraisablehook)
   # the writes that the closed loop never started

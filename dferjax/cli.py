@@ -12,6 +12,8 @@ import re
 import sys
 from typing import Callable
 
+from dferjax import preemption
+
 # Bad input, a bad config, an unwritable or full disk, a non-finite loss, memory run out: the message says what to do.
 EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, ImportError, MemoryError)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -76,7 +78,8 @@ def error_message(error: BaseException, workdir: str | None = None) -> str:
 
 
 def run(fn: Callable, *, verbose: bool = False, workdir: str | None = None):
-  """fn(); an expected error exits 1 with one message, Ctrl-C exits 130 naming the last checkpoint."""
+  """fn(); an expected error exits 1 with one message, Ctrl-C exits 130 naming the last checkpoint, a run stopped by
+  SIGTERM (preemption.Preempted) exits 143 naming the checkpoint it saved."""
   try:
     return fn()
   except KeyboardInterrupt:
@@ -84,6 +87,9 @@ def run(fn: Callable, *, verbose: bool = False, workdir: str | None = None):
       raise
     sys.stderr.write(f'\ninterrupted: {last_checkpoint(workdir)}\n' if workdir else '\ninterrupted\n')
     sys.exit(130)
+  except preemption.Preempted as stop:  # not an error: the run saved and stops, as its scheduler asked
+    sys.stderr.write(f'{stop}: {last_checkpoint(workdir)}\n')
+    sys.exit(preemption.EXIT_STATUS)
   except Exception as error:  # pylint: disable=broad-except  # re-raised unless expected
     # Expected: the types above, and a library's own type around an OS error (array_record's RuntimeError).
     if verbose or not (isinstance(error, EXPECTED_ERRORS) or os_error(error) is not None):

@@ -24,7 +24,8 @@ import optax
 from flax.training import train_state
 
 from dferjax import checkpoint as checkpoint_lib
-from dferjax import benchmarking, distributed, environment, losses, metrics, models, reports, sharding, writers
+from dferjax import (benchmarking, distributed, environment, losses, metrics, models, preemption, reports, sharding,
+                     writers)
 from dferjax.data import inputs, pipeline, sampling, validation
 
 
@@ -309,11 +310,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       path = os.path.dirname(path)
     raise ValueError(f'--workdir {workdir}: {path} is a file, not a directory; give a directory (it is made if '
                      'missing)') from None
-  with workdir_lock(workdir), device_memory_errors(config):  # the lock before Orbax, which removes half-written saves
+  # The lock before Orbax, which removes half-written saves; the SIGTERM handler before the lock, so that a run
+  # holding it turns a notice into a checkpoint.
+  with preemption.Notice() as notice, workdir_lock(workdir), device_memory_errors(config):
     checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=config.best_metric,
                                              also_best=validation.checkpoint_metric(config))
     try:  # closed on any error too: Orbax's background threads must not outlive the interpreter's executors
-      return _train_and_evaluate(config, workdir, checkpoints, local_batch_size)
+      return _train_and_evaluate(config, workdir, checkpoints, local_batch_size, notice)
     finally:
       checkpoints.close()
 
@@ -379,10 +382,11 @@ def workdir_lock(workdir: str):
     os.close(descriptor)  # releases the lock; the file stays, naming the last holder
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoints,
-                        local_batch_size: int) -> dict[str, Any]:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoints, local_batch_size: int,
+                        notice: preemption.Notice) -> dict[str, Any]:
   is_chief = jax.process_index() == 0
   start_step = checkpoints.latest_step()
+  notice.begin(start_step or 0)
   config_json = checkpoint_lib.config_to_json(config)
   if start_step is None:
     checkpoint_lib.check_starting_point(config)
@@ -438,7 +442,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpo
       state, accumulator = steps.train(state, accumulator, batch)
       step += 1
       end_of_epoch = step % steps_per_epoch == 0
-      checkpoint_now = end_of_epoch or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+      preempted = notice.reached(step) and step < total_steps  # a notice in the last step: the run ends anyway
+      checkpoint_now = end_of_epoch or preempted or (config.checkpoint_every_steps and
+                                                     step % config.checkpoint_every_steps == 0)
       # The next batch is read and sent while this step runs (the bar and the logs wait for it), except before a
       # save: the saved iterator state is then that of the batches trained on.
       batch = None if checkpoint_now or step == total_steps else sharding.to_global(next(train_iter),
@@ -472,6 +478,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpo
           print(writers.epoch_summary_line(epoch, {**epoch_totals.means(), 'learning_rate': train_metrics['learning_rate']},
                                            validation.with_heldout(eval_metrics, heldout_metrics), seconds,
                                            eval_split=config.dataset.eval_split, eval_seconds=eval_seconds,
+                                           train_steps=((epoch_start_step + 1, step)  # resumed mid-epoch
+                                                        if epoch_start_step % steps_per_epoch else None),
                                            clips_per_second=(step - epoch_start_step) * config.batch_size / seconds),
                 flush=True)
         checkpoints.save(step, state, train_iter, config_json,
@@ -482,6 +490,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpo
           progress = progress_bar(step)
       elif checkpoint_now:
         checkpoints.save(step, state, train_iter, config_json)
+      if preempted:  # an epoch's end is evaluated and saved first, as without the notice: the records stay the same
+        checkpoints.wait()
+        notice.all_saved()
+        raise preemption.Preempted(step)
   finally:
     progress.close()
     for reader in (train_iter, eval_reader, heldout_reader):

@@ -374,10 +374,11 @@ def _format_value(name: str, value) -> str:
 
 def epoch_summary_line(epoch: int, train_metrics: Mapping[str, Any] | None, eval_metrics: Mapping[str, Any] | None,
                        seconds: float, *, eval_split: str = 'test', clips_per_second: float | None = None,
-                       eval_seconds: float | None = None) -> str:
+                       eval_seconds: float | None = None, train_steps: tuple[int, int] | None = None) -> str:
   """One line per epoch, e.g. 'epoch 3 | train loss 1.234 learning_rate 0.0001 | test UAR 45.10% WAR 56.70%
   num_clips 2341 | 123.4 s (evaluation 3.2 s), 210.5 clips/s'. Non-scalar values (per_class, confusion) are left
-  out; `seconds` is the whole epoch's, evaluation included."""
+  out; `seconds` is the whole epoch's, evaluation included. `train_steps` (first, last): the train metrics cover
+  only these steps (a run resumed mid-epoch), said as 'train (steps 8-9) loss ...'."""
 
   def scalars(items: Iterable[tuple[str, Any]]) -> str:
     first = ('loss', 'uar', 'war')  # then the rest in given order, the clip count last
@@ -388,7 +389,8 @@ def epoch_summary_line(epoch: int, train_metrics: Mapping[str, Any] | None, eval
 
   parts = [f'epoch {epoch}']
   if train_metrics:
-    parts.append('train ' + scalars(train_metrics.items()))
+    steps = f'(steps {train_steps[0]}-{train_steps[1]}) ' if train_steps else ''
+    parts.append(f'train {steps}' + scalars(train_metrics.items()))
   if eval_metrics:
     heads = [f'{name} ' + scalars((k, v) for k, v in value.items() if k != 'num_clips')
              for name, value in eval_metrics.items() if is_head_result(value)]

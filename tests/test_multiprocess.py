@@ -4,7 +4,6 @@ process, gloo collectives, the tiny model on the synthetic dataset; and the laun
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
-from test_train import REPO, TEST_COMPILATION_CACHE, TINY_CONFIG, data_dir, final_params  # noqa: F401  (data_dir is a fixture)
+from dferjax import preemption
+from test_train import (REPO, TEST_COMPILATION_CACHE, TINY_CONFIG, data_dir, final_params,  # noqa: F401  (data_dir is a fixture)
+                        truncate_to)
 
 pytestmark = pytest.mark.multiprocess
 GLOBAL_DEVICES = 2
@@ -105,15 +106,6 @@ def assert_same_params(workdir_a, workdir_b):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5), a[collection], b[collection])
 
 
-def truncate_to(source, target, step: int):
-  """A copy of workdir `source` as if it had stopped after checkpoint `step`."""
-  shutil.copytree(source, target)
-  for name in os.listdir(target / 'checkpoints'):
-    if name.isdigit() and int(name) > step:
-      shutil.rmtree(target / 'checkpoints' / name)
-      os.remove(target / 'checkpoint_files' / f'{name}.json')
-
-
 def written_names(log, workdir) -> set[str]:
   """The workdir entries (first path component) a process wrote to."""
   prefix = os.path.abspath(workdir) + os.sep
@@ -122,9 +114,9 @@ def written_names(log, workdir) -> set[str]:
 
 @pytest.fixture(scope='module')
 def one_process_run(tmp_path_factory, data_dir):  # noqa: F811
-  """The reference: 1 process with 2 devices, uninterrupted."""
+  """The reference: 1 process with 2 devices, uninterrupted; its checkpoints kept, to resume from."""
   workdir = tmp_path_factory.mktemp('one') / 'run'
-  launch(workdir, data_dir, 1, *RUN)
+  launch(workdir, data_dir, 1, *RUN, '--config.keep_checkpoints=4')
   return workdir
 
 
@@ -211,7 +203,8 @@ def test_slurm_batch_script_one_task_per_node(tmp_path, data_dir, one_process_ru
 
 def test_kubernetes_indexed_job_manifest(tmp_path, data_dir, one_process_run):  # noqa: F811
   """scripts/launch/k8s_indexed_job.yaml: its container command and environment, run as its two pods would (pod
-  i's completion index as DFERJAX_PROCESS_ID, the coordinator's pod DNS name as localhost)."""
+  i's completion index as DFERJAX_PROCESS_ID, the coordinator's pod DNS name as localhost); one pod deleted
+  mid-run (SIGTERM), both save the same step, and the pods started again resume from it."""
   documents = list(yaml.safe_load_all(open(os.path.join(REPO, 'scripts', 'launch', 'k8s_indexed_job.yaml'))))
   service, = (d for d in documents if d['kind'] == 'Service')
   job, = (d for d in documents if d['kind'] == 'Job')
@@ -227,22 +220,57 @@ def test_kubernetes_indexed_job_manifest(tmp_path, data_dir, one_process_run):  
   assert num_processes == job['spec']['completions'] == job['spec']['parallelism'] == 2
   assert env['DFERJAX_PROCESS_ID']['valueFrom']['fieldRef']['fieldPath'] == (
       "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+  restarted, = (rule['onExitCodes'] for rule in job['spec']['podFailurePolicy']['rules']
+                if rule['action'] == 'Ignore' and 'onExitCodes' in rule)
+  assert restarted == {'containerName': container['name'], 'operator': 'In', 'values': [preemption.EXIT_STATUS]}
 
   workdir = tmp_path / 'k8s'
-  truncate_to(one_process_run, workdir, 4)
+  truncate_to(one_process_run, workdir, 2)
   ours = {'--config': TINY_CONFIG, '--workdir': str(workdir), '--config.dataset.data_dir': data_dir}
   args = [f'{name}={ours[name]}' for name, _ in (arg.split('=', 1) for arg in container['args'])]
   assert sorted(arg.split('=')[0] for arg in args) == sorted(ours)  # the manifest's args are these three
-  address = f'localhost:{free_port()}'
-  processes = []
-  for index in range(num_processes):
-    pod_env = base_env(GLOBAL_DEVICES // num_processes)
-    pod_env.update({name: item['value'] for name, item in env.items() if 'value' in item},
-                   DFERJAX_COORDINATOR_ADDRESS=address, DFERJAX_PROCESS_ID=str(index))
-    processes.append(subprocess.Popen(
-        [sys.executable if word == 'python' else word for word in container['command']]
-        + args + list(RUN) + [f'--compilation_cache={TEST_COMPILATION_CACHE}'],
-        cwd=REPO, env=pod_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  outputs = finish(processes)
-  assert 'JAX process 0/2, 2 devices' in outputs[0] and 'resumed from' in outputs[0], outputs[0]
+
+  def start_pods():
+    address = f'localhost:{free_port()}'
+    processes = []
+    for index in range(num_processes):
+      pod_env = base_env(GLOBAL_DEVICES // num_processes)
+      pod_env.update({name: item['value'] for name, item in env.items() if 'value' in item},
+                     DFERJAX_COORDINATOR_ADDRESS=address, DFERJAX_PROCESS_ID=str(index))
+      processes.append(subprocess.Popen(
+          [sys.executable if word == 'python' else word for word in container['command']]
+          + args + list(RUN) + [f'--compilation_cache={TEST_COMPILATION_CACHE}'],
+          cwd=REPO, env=pod_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return processes
+
+  # Kubernetes deletes pod 1 (preemption, a drained node): SIGTERM to its process. JAX's preemption service tells
+  # pod 0, and both save the same step, then exit 143, which the Job's restart policy restarts.
+  processes = start_pods()
+  seen = []
+  for line in processes[0].stdout:  # both processes are past jax.distributed.initialize and training begins
+    seen.append(line)
+    if 'resumed from' in line:
+      break
+  processes[1].send_signal(signal.SIGTERM)
+  outputs = []
+  for process in processes:
+    try:
+      outputs.append(process.communicate(timeout=300)[0])
+    finally:
+      if process.poll() is None:
+        process.kill()
+  outputs[0] = ''.join(seen) + outputs[0]
+  report = '\n'.join(f'--- pod {i} (exit {p.returncode}) ---\n{o}' for i, (p, o) in enumerate(zip(processes, outputs)))
+  assert [process.returncode for process in processes] == [143, 143], report
+  saved = max(int(name) for name in os.listdir(workdir / 'checkpoints') if name.isdigit())
+  assert 3 <= saved < 6, report
+  for output in outputs:
+    assert f'every process saves step {saved}, then stops' in output, report
+    assert output.strip().splitlines()[-1].startswith(f'stopped by SIGTERM after saving step {saved}:'), report
+  assert sorted(name for name in os.listdir(workdir / 'checkpoints' / str(saved) / 'data')
+                if name.startswith('process_')) == ['process_0-of-2.json', 'process_1-of-2.json']
+
+  outputs = finish(start_pods())
+  assert 'JAX process 0/2, 2 devices' in outputs[0] and f'resumed from {workdir / "checkpoints"} at step {saved}' \
+      in outputs[0], outputs[0]
   assert_same_params(one_process_run, workdir)

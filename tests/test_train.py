@@ -1,6 +1,7 @@
 """End to end: the trainer on a built synthetic dataset, resume after SIGKILL, 1 vs 2 devices, bad inputs."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,9 +90,41 @@ def test_train_writes_metrics_reports_and_checkpoints(tmp_path, data_dir):
   assert os.listdir(tmp_path / 'tensorboard')
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, data_dir):
-  code, output = run_main(tmp_path / 'straight', data_dir)
+def truncate_to(source, target, step: int):
+  """A copy of workdir `source` as if it had stopped after checkpoint `step`."""
+  assert (source / 'checkpoints' / str(step)).is_dir(), f'{source} kept no checkpoint {step}'
+  shutil.copytree(source, target)
+  for name in os.listdir(target / 'checkpoints'):
+    if name.isdigit() and int(name) > step:
+      shutil.rmtree(target / 'checkpoints' / name)
+      os.remove(target / 'checkpoint_files' / f'{name}.json')
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory, data_dir):
+  """The tiny config's 3 epochs of 3 steps, uninterrupted: what an interrupted run must end equal to. Each epoch's
+  checkpoint is kept, to resume from."""
+  workdir = tmp_path_factory.mktemp('straight') / 'run'
+  code, output = run_main(workdir, data_dir, '--config.keep_checkpoints=3')
   assert code == 0, output
+  return workdir
+
+
+def eval_records(workdir, split='test') -> list[dict]:
+  return [record for record in map(json.loads, open(workdir / 'metrics.jsonl')) if record['split'] == split]
+
+
+def assert_same_end(straight, resumed):
+  """The same final parameters, and the same evaluations, each epoch once."""
+  (step_a, a), (step_b, b) = final_params(straight), final_params(resumed)
+  assert step_a == step_b == 9
+  for collection in ('params', 'batch_stats'):
+    jax.tree.map(np.testing.assert_array_equal, a[collection], b[collection])
+  assert [r['epoch'] for r in eval_records(resumed)] == [1, 2, 3]  # no duplicated or lost epochs after the restart
+  assert [r['confusion'] for r in eval_records(straight)] == [r['confusion'] for r in eval_records(resumed)]
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, data_dir, straight_run):
   killed = run_main(tmp_path / 'killed', data_dir, '--config.checkpoint_every_steps=2', wait=False)
   deadline = time.time() + 300
   while not (tmp_path / 'killed' / 'checkpoints' / '4').is_dir():
@@ -100,29 +133,63 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, data_dir):
     time.sleep(0.05)
   killed.send_signal(signal.SIGKILL)
   killed.wait()
-  # The restart makes its batches in two worker processes instead of threads: the same batches.
+  # The restart makes its batches in two worker processes instead of threads: the same batches, and evaluated by
+  # two worker processes after the restart, by threads in the straight run: the same numbers.
   code, output = run_main(tmp_path / 'killed', data_dir, '--config.checkpoint_every_steps=2',
                           '--config.input.num_workers=2')
   assert code == 0, output
   assert 'resumed' in output
   assert 'leaked' not in output  # no shared-memory warning at the end
-  step_a, straight = final_params(tmp_path / 'straight')
-  step_b, resumed = final_params(tmp_path / 'killed')
-  assert step_a == step_b == 9
-  jax.tree.map(np.testing.assert_array_equal, straight['params'], resumed['params'])
-  jax.tree.map(np.testing.assert_array_equal, straight['batch_stats'], resumed['batch_stats'])
-  epochs = [json.loads(line)['epoch'] for line in open(tmp_path / 'killed' / 'metrics.jsonl')
-            if json.loads(line)['split'] == 'test']
-  assert epochs == [1, 2, 3]  # no duplicated or lost epochs after the restart
-  # Evaluated by two worker processes after the restart, by threads in the straight run: the same numbers.
-  straight_tests, resumed_tests = ([record for record in map(json.loads, open(tmp_path / run / 'metrics.jsonl'))
-                                    if record['split'] == 'test'] for run in ('straight', 'killed'))
-  assert [r['confusion'] for r in straight_tests] == [r['confusion'] for r in resumed_tests]
+  assert_same_end(straight_run, tmp_path / 'killed')
   # The trainer reads the next batch while a step runs, but not past a save: each checkpoint's iterator state is
   # that of the batches its step trained on (4 clips each).
   for name in (name for name in os.listdir(tmp_path / 'killed' / 'checkpoints') if name.isdigit()):
     state = json.load(open(tmp_path / 'killed' / 'checkpoints' / name / 'data' / 'process_0-of-1.json'))
     assert state == {'next_index': 4 * int(name)}, name
+
+
+def input_workers_ignoring_sigterm(pid: int) -> int:
+  """How many of `pid`'s multiprocessing children (grain's input workers) have set SIGTERM to be ignored."""
+  count = 0
+  for entry in os.listdir('/proc'):
+    try:
+      status = dict(line.split(':\t', 1) for line in open(f'/proc/{entry}/status').read().splitlines())
+      command = open(f'/proc/{entry}/cmdline').read()
+    except (OSError, ValueError):  # not a process, or gone
+      continue
+    if status.get('PPid') == str(pid) and 'spawn_main' in command:
+      count += bool(int(status['SigIgn'], 16) & (1 << (signal.SIGTERM - 1)))
+  return count
+
+
+def test_sigterm_saves_the_step_and_the_restart_equals_an_uninterrupted_run(tmp_path, data_dir, straight_run):
+  """A scheduler's SIGTERM (SLURM's reaches every process of the job step: the trainer and its input workers) is
+  turned into a checkpoint of the step the trainer is in, mid-epoch, and exit status 143."""
+  workdir = tmp_path / 'preempted'
+  truncate_to(straight_run, workdir, 3)  # resumed after epoch 1, so that the signal comes mid-run
+  process = run_main(workdir, data_dir, '--config.input.num_workers=2', wait=False)
+  deadline = time.time() + 120
+  while input_workers_ignoring_sigterm(process.pid) < 2:  # up and reading: past their start
+    assert process.poll() is None, process.communicate()[0]
+    assert time.time() < deadline, 'two input workers ignoring SIGTERM never appeared'
+    time.sleep(0.02)
+  os.killpg(process.pid, signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 143, output
+  saved = max(int(name) for name in os.listdir(workdir / 'checkpoints') if name.isdigit())
+  assert 4 <= saved < 9, output  # the step it was in, before the end
+  assert output.strip().splitlines()[-1] == (f'stopped by SIGTERM after saving step {saved}: the last checkpoint is '
+                                             f'{workdir / "checkpoints" / str(saved)} (the same command resumes from it)')
+  assert 'Traceback' not in output and 'tracked_metric' not in output and 'leaked' not in output, output
+  state = json.load(open(workdir / 'checkpoints' / str(saved) / 'data' / 'process_0-of-1.json'))
+  assert state == {'next_index': 4 * saved}  # the batches trained on, not one read ahead
+
+  code, output = run_main(workdir, data_dir)
+  assert code == 0 and f'at step {saved}' in output, output
+  if saved % 3:  # resumed mid-epoch: the epoch line's train means are of the steps since the restart
+    epoch = saved // 3 + 1
+    assert f'epoch {epoch} | train (steps {saved + 1}-{3 * epoch}) loss' in output, output
+  assert_same_end(straight_run, workdir)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):

@@ -196,6 +196,8 @@ def test_progress_bar_and_epoch_summary(capsys):
       'epoch 1 | val UAR 50.00% | 5.0 s, 12.3 clips/s')
   assert writers.epoch_summary_line(1, None, {'uar': 0.5}, 5.0, clips_per_second=12.34, eval_seconds=1.25) == (
       'epoch 1 | test UAR 50.00% | 5.0 s (evaluation 1.2 s), 12.3 clips/s')
+  assert writers.epoch_summary_line(3, {'loss': 2.0}, None, 5.0, train_steps=(8, 9)) == (
+      'epoch 3 | train (steps 8-9) loss 2 | 5.0 s')  # resumed mid-epoch: the train means are of these steps only
 
 
 def test_metric_heads_get_their_own_scalars_line_and_table_columns(tmp_path):

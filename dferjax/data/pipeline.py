@@ -329,8 +329,8 @@ def read_batches(clips: grain.MapDataset, batch_size: int, *, num_threads: int, 
   _start_quiet_resource_tracker()
   options = grain.multiprocessing.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffered)
   batches = clips.batch(batch_size, drop_remainder=True)
-  return batches.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(options,
-                                                                               worker_init_fn=_ignore_ctrl_c)
+  return batches.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(
+      options, worker_init_fn=_leave_signals_to_the_trainer)
 
 
 def _start_quiet_resource_tracker():
@@ -345,11 +345,13 @@ def _start_quiet_resource_tracker():
     sys.warnoptions.remove(quiet)
 
 
-def _ignore_ctrl_c(worker_index: int, worker_count: int):
-  """Ctrl-C reaches every process of the terminal's group: the trainer stops (and closes its reader), and the
-  workers do not each print a KeyboardInterrupt traceback."""
+def _leave_signals_to_the_trainer(worker_index: int, worker_count: int):
+  """Ctrl-C reaches every process of the terminal's group, and SLURM's SIGTERM every process of the job step: the
+  trainer stops (after saving, for SIGTERM) and closes its reader, which ends the workers. A worker that SIGTERM
+  ended would stop the trainer before its save; one that Ctrl-C ended would print a KeyboardInterrupt traceback."""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 SHARED_MEMORY = '/dev/shm'  # where Python's shared memory (shm_open) lives on Linux
