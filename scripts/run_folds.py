@@ -13,6 +13,7 @@ validation hold-out (config.validation) add the table of the checkpoints selecte
 the extra flags becomes each fold's number.
 """
 import argparse
+import signal
 import subprocess
 import sys
 
@@ -23,6 +24,22 @@ def fold_command(config: str, fold: int, workdir: str, overrides: list[str]) -> 
   config_arg = f'{config},fold={fold}' if ':' in config else f'{config}:fold={fold}'
   return [sys.executable, '-m', 'dferjax.main', f'--config={config_arg}', f'--workdir={workdir}',
           *(override.replace('{fold}', str(fold)) for override in overrides)]
+
+
+def run_fold(command: list[str]) -> int:
+  """Runs one fold's trainer and returns its exit status. A SIGTERM to this script (Kubernetes signals only a
+  container's first process) is passed on, so the fold saves its step and stops (status 143) as it would alone;
+  Ctrl-C reaches the fold from the terminal by itself."""
+  process = subprocess.Popen(command)
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
+  try:
+    while True:
+      try:
+        return process.wait()
+      except KeyboardInterrupt:  # the fold got it too: wait for it to stop and say where
+        continue
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def main():
@@ -41,7 +58,10 @@ def main():
     for fold, workdir in zip(folds, workdirs):
       command = fold_command(args.config, fold, workdir, args.overrides)
       print('+', ' '.join(command), flush=True)
-      subprocess.run(command, check=True)
+      if (status := run_fold(command)) != 0:  # the fold said why (one line); the same command resumes it
+        sys.stderr.write(f'run_folds: fold {fold} stopped (exit status {status}); folds after it not started. Run the '
+                         'same command to resume it and go on (finished folds are only collected).\n')
+        sys.exit(status)
   from dferjax import reports  # pylint: disable=import-outside-toplevel
   from tfds_builders.labels import CLASS_NAMES  # pylint: disable=import-outside-toplevel
   print(reports.fold_report(workdirs, CLASS_NAMES, select_by=args.select_by,

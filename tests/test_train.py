@@ -1,6 +1,7 @@
 """End to end: the trainer on a built synthetic dataset, resume after SIGKILL, 1 vs 2 devices, bad inputs."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -299,6 +300,28 @@ def test_run_folds_collects_a_table_in_the_papers_layout(tmp_path, data_dir):
        f'--workdir={tmp_path / "stt"}', '--folds=2', '--collect_only'],
       cwd=REPO, capture_output=True, text=True, check=True).stdout
   assert 'fold2' in output and 'fold1' not in output, output
+
+
+def test_run_folds_passes_sigterm_on_and_stops_with_the_folds_status(tmp_path, data_dir):
+  """Kubernetes signals only a container's first process: run_folds, whose fold then saves and stops."""
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'JAX_PLATFORMS': 'cpu'}
+  process = subprocess.Popen(
+      [sys.executable, os.path.join(REPO, 'scripts', 'run_folds.py'), f'--config={TINY_CONFIG}',
+       f'--workdir={tmp_path / "stt"}', '--folds=1,2', '--', f'--config.dataset.data_dir={data_dir}',
+       f'--compilation_cache={TEST_COMPILATION_CACHE}'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  deadline = time.time() + 300
+  while not (tmp_path / 'stt_fold1' / train.LOCK_FILENAME).exists():  # the fold's trainer has its SIGTERM handler
+    assert process.poll() is None, process.communicate()[0]
+    assert time.time() < deadline, 'fold 1 never started'
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)  # to run_folds alone
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 143, output
+  saved = re.search(r'stopped by SIGTERM after saving step (\d+): the last checkpoint is ', output)
+  assert saved and (tmp_path / 'stt_fold1' / 'checkpoints' / saved[1]).is_dir(), output
+  assert 'run_folds: fold 1 stopped (exit status 143); folds after it not started' in output, output
+  assert 'Traceback' not in output and not (tmp_path / 'stt_fold2').exists(), output
 
 
 def test_ctrl_c_stops_within_seconds_naming_the_last_checkpoint(tmp_path, data_dir):

@@ -3,12 +3,12 @@ from dferjax import configlib
 
 
 def get_config(arg=None):
-  args = configlib.parse_arg(arg, epochs=3, layers=1)
+  args = configlib.parse_arg(arg, epochs=3, layers=1, fold=1)
   config = configlib.base_config()
   config.model_name = 'stt'
   config.model = dict(num_frames=4, embed_dim=32, num_layers=args.layers, num_heads=2, mlp_ratio=2.0,
                       drop_path_rate=0.1, backbone_stage=3, backbone_width=8)
-  config.dataset.name = 'dfew/fold1_px32'
+  config.dataset.name = f'dfew/fold{args.fold}_px32'
   config.dataset.data_dir = ''  # the tests set it
   config.input.sampler = configlib.segment_sampler(num_segments=2, frames_per_segment=2)
   config.input.image_size = 32
