@@ -165,22 +165,31 @@ def test_tfds_manual_dir_error_is_file_not_found(tmp_path):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=tmp_path / 'nowhere'))
 
 
-def test_missing_and_empty_clip_folders_are_skipped_and_counted(small_dfew, tmp_path):
+def test_missing_empty_and_nested_clip_folders_are_skipped_and_counted(small_dfew, tmp_path):
   clip_root = small_dfew / 'Clip' / 'clip_224x224'
   ids = sorted(p.name for p in clip_root.iterdir())
   shutil.rmtree(clip_root / ids[0])
   for frame in (clip_root / ids[1]).iterdir():
     frame.unlink()
   (clip_root / ids[1] / 'notes.txt').write_text('not a frame')
+  (clip_root / ids[2]).rename(tmp_path / 'moved')  # its frames one folder deeper: <clip>/<clip>/*.jpg
+  (clip_root / ids[2]).mkdir()
+  (tmp_path / 'moved').rename(clip_root / ids[2] / ids[2])
+  # macOS's metadata files beside each frame (a copy to an exFAT disk): not frames, left out
+  frames_of_3 = sorted(path.name for path in (clip_root / ids[3]).iterdir())
+  for name in frames_of_3:
+    (clip_root / ids[3] / f'._{name}').write_bytes(b'\x00\x05\x16\x07' + bytes(4092))
   report, = build_lib.build('dfew', small_dfew, tmp_path / 'data', ['fold1'], image_size=SIZE, workers=1,
                             show_progress=False)
-  assert report.skipped == {common.MISSING_FOLDER: 1, common.EMPTY_FOLDER: 1}
-  assert sum(sum(per_class.values()) for per_class in report.splits.values()) == 5
+  assert report.skipped == {common.MISSING_FOLDER: 1, common.EMPTY_FOLDER: 1, common.NESTED_FOLDER: 1}
+  assert sum(sum(per_class.values()) for per_class in report.splits.values()) == 4
   built = {**_records(f'dfew/fold1_px{SIZE}', 'train', tmp_path / 'data'),
            **_records(f'dfew/fold1_px{SIZE}', 'test', tmp_path / 'data')}
-  assert sorted(built) == ids[2:]
+  assert sorted(built) == ids[3:]
+  assert built[ids[3]]['num_frames'] == len(frames_of_3)
   summary = build_lib.format_summary([report])
   assert 'skipped 1 clip(s): missing clip folder' in summary and 'skipped 1 clip(s): empty clip folder' in summary
+  assert 'skipped 1 clip(s): frames one folder deeper' in summary
 
 
 def test_corrupt_frame_fails_naming_file_and_leaves_nothing_readable(small_dfew, tmp_path):

@@ -32,6 +32,7 @@ EMOTION_LABELS = {**{name: label for label, name in enumerate(CLASS_NAMES)},
 EMOTION_NAMES_HELP = 'Angry, Disgust, Fear, Happy, Neutral, Sad, Surprise (Anger, Happiness, Sadness accepted)'
 MISSING_FOLDER = 'missing clip folder'
 EMPTY_FOLDER = 'empty clip folder (no image files)'
+NESTED_FOLDER = 'frames one folder deeper (<clip>/<clip>/*.jpg: unpacked one level too deep?)'
 
 
 def default_frame_encoding(image_size: int) -> str:
@@ -89,7 +90,9 @@ class Scan:
       return
     frames = list_frames(folder)
     if not frames:
-      self.skipped.append((split, clip_id, EMPTY_FOLDER))
+      inner = [entry for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith('.')]
+      nested = len(inner) == 1 and list_frames(pathlib.Path(inner[0].path))
+      self.skipped.append((split, clip_id, NESTED_FOLDER if nested else EMPTY_FOLDER))
       return
     self.splits.setdefault(split, []).append(ClipRef(clip_id, label, tuple(frames)))
 
@@ -114,7 +117,10 @@ def _natural_key(name: str):
 
 
 def list_frames(folder: pathlib.Path) -> list[str]:
-  names = [e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)]
+  """The image files in `folder`, in frame order. Hidden files are left out: macOS writes `._<name>.jpg` beside
+  each file it copies to a FAT/exFAT disk or a network share (its metadata, not an image)."""
+  names = [e.name for e in os.scandir(folder)
+           if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES) and not e.name.startswith('.')]
   return [os.path.join(folder, name) for name in sorted(names, key=_natural_key)]
 
 
