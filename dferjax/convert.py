@@ -56,10 +56,20 @@ def _torch_load_reason(error: Exception) -> str:
   return reason if len(reason) <= 300 else reason[:300] + '...'
 
 
+def _data_only_globals() -> list:
+  """What training scripts commonly save beside the state_dict, allowed to the weights-only unpickler: numpy scalars
+  and dtypes (`'best_prec1': np.float64(91.5)`) and argparse.Namespace (`'args': args`). Each only holds data: no
+  code runs when it is rebuilt, and its contents pass the same unpickler."""
+  scalar = getattr(getattr(np, '_core', None), 'multiarray', None) or np.core.multiarray
+  dtype_classes = [type(np.dtype(code)) for code in '?bhilqBHILQefdgFDGSUV']  # numpy >= 1.25 pickles these
+  return [scalar.scalar, np.dtype, *dtype_classes, argparse.Namespace]
+
+
 def read_state_dict(path) -> dict[str, np.ndarray]:
   """Tensors of a torch checkpoint (a state_dict, or a dict holding one under 'state_dict') as numpy.
 
-  Other entries beside 'state_dict' (epoch, arch, best_prec1) are reported and ignored.
+  Other entries beside 'state_dict' (epoch, arch, best_prec1, args) are reported and ignored. A file that pickles
+  anything else (an optimizer, a model object, a logger) is refused with the line that extracts its state_dict.
   """
   path = Path(path)
   try:
@@ -69,10 +79,17 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   if not path.is_file():
     raise FileNotFoundError(f'{path}: {"a directory, not a" if path.is_dir() else "no such"} checkpoint file')
   try:
-    checkpoint = torch.load(path, weights_only=True, map_location='cpu')
+    with torch.serialization.safe_globals(_data_only_globals()):
+      checkpoint = torch.load(path, weights_only=True, map_location='cpu')
   except Exception as error:  # pickle/zip errors have many types; all mean "not a weights-only torch file"
+    reason = _torch_load_reason(error).rstrip('.')
+    remedy = ''
+    if 'allowed global' in reason:  # a torch file, with an object: the user may extract the tensors if they trust it
+      remedy = (f'. If you trust the file, save its tensors alone and convert that: python -c "import torch; '
+                f"c = torch.load('{path}', weights_only=False); torch.save(c.get('state_dict', c), "
+                f"'{path.with_suffix('.state_dict.pth')}')\"")
     raise ValueError(f'{path}: torch.load(weights_only=True) cannot read it (not a torch checkpoint, or it '
-                     f'pickles Python objects besides tensors): {_torch_load_reason(error)}') from error
+                     f'pickles Python objects besides tensors): {reason}{remedy}') from error
   if isinstance(checkpoint, Mapping) and 'state_dict' in checkpoint:
     if ignored := sorted(str(key) for key in checkpoint if key != 'state_dict'):
       print(f'{path}: ignoring entries beside state_dict: {ignored}')

@@ -1,7 +1,9 @@
 """PyTorch ResNet18 checkpoints -> Orbax backbone: parity with torch, round trip, clear errors (and the command's
 one-line messages instead of tracebacks)."""
+import argparse
 from functools import partial
 import pathlib
+import shlex
 import subprocess
 import sys
 
@@ -65,6 +67,19 @@ def test_ms1m_checkpoint_converts_and_matches_torch(tmp_path, capsys):
   np.testing.assert_allclose(got.mean(axis=(1, 2)), want.mean(axis=(1, 2)), atol=1e-4)  # pooled 512-d feature
 
 
+def test_data_beside_the_state_dict_is_read_as_data(tmp_path, capsys):
+  """What training scripts save beside the weights: numpy scalars and dtypes, the argparse Namespace."""
+  state = {'conv1.weight': torch.ones(2, 3), 'bn1.num_batches_tracked': torch.tensor(7)}
+  torch.save({'epoch': 40, 'best_prec1': np.float64(91.5), 'best_acc': np.array([0.5], np.float32)[0],
+              'label_dtype': np.dtype(np.int64), 'args': argparse.Namespace(lr=0.1, arch='resnet18'),
+              'state_dict': state}, tmp_path / 'with_data.pth')
+  read = convert.read_state_dict(tmp_path / 'with_data.pth')
+  assert "ignoring entries beside state_dict: ['args', 'best_acc', 'best_prec1', 'epoch', 'label_dtype']" in \
+      capsys.readouterr().out
+  np.testing.assert_array_equal(read['conv1.weight'], np.ones((2, 3), np.float32))
+  assert read['bn1.num_batches_tracked'] == 7
+
+
 def test_plain_state_dict_round_trip(tmp_path, capsys):
   torch_model = _random_resnet(1, width=16)  # with its fc head, as torchvision saves it
   torch.save(torch_model.state_dict(), tmp_path / 'resnet18.pth')
@@ -119,6 +134,10 @@ def test_unreadable_files(tmp_path):
     convert.read_state_dict(tmp_path / 'obj.pth')
   assert 'torch.optim.sgd.SGD was not an allowed global' in str(error.value)
   assert len(str(error.value).splitlines()) == 1  # torch's advice paragraphs are left out
+  # The message's own remedy, run as a user who trusts the file would: its tensors alone, which then read.
+  remedy = str(error.value).split('convert that: ', 1)[1]
+  subprocess.run(shlex.split(remedy.replace('python', sys.executable, 1)), check=True, timeout=120)
+  assert convert.read_state_dict(tmp_path / 'obj.state_dict.pth')['conv1.weight'].shape == (1,)
   with pytest.raises(FileNotFoundError, match='a directory, not a checkpoint file'):
     convert.read_state_dict(tmp_path)
   torch.save({'conv1.weight': torch.zeros(1), 'note': 'x'}, tmp_path / 'mixed.pth')
