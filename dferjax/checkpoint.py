@@ -210,6 +210,10 @@ class Checkpoints:
       raise OSError(found.errno, found.strerror, os.path.join(self.directory, str(step))) from error
 
   def close(self):
+    # Orbax removes half-written saves in a thread of its own that only a save waits for; a run stopped before its
+    # first save (a config error) would leave it to the interpreter's exit, where it fails with a traceback.
+    if (cleanup := getattr(self.manager, '_cleanup_tmp_directory_future', None)) is not None:
+      cleanup.result()
     self.manager.close()
 
   def saved_config(self, step: int) -> dict:

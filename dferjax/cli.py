@@ -111,3 +111,59 @@ def unknown_field_message(config, dotted: str) -> str | None:
       return f'{path} has no field {part!r} (its fields: {", ".join(fields)}){hint}'
     node, path = node[part], f'{path}.{part}'
   return None
+
+
+_HELP_FLAGS = ('-h', '-?', '--help', '--helpshort', '--helpfull')
+
+
+def parse_flags(argv):
+  """absl's parsing (app.run's flags_parser) for a command with a `--config` file flag, but `--help` exits 0, a misspelt `--config.<field>` names the block's fields, and a missing
+  config file, a bad config argument (`:fodl=1`) or a value of the wrong type is one line, not a traceback."""
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  if any(arg in _HELP_FLAGS for arg in argv[1:]):
+    app.usage(shorthelp='--helpfull' not in argv, writeto_stdout=True, exitcode=0)
+  if (path := config_path(argv)) is not None and not os.path.isfile(path):
+    sys.exit(f'error: --config {path}: no such file (from {os.getcwd()})')
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as error:  # config_flags' override of a field that does not exist
+    sys.exit(f'error: {override_error(argv) or error}')
+  except flags.Error as error:  # a value absl cannot parse, or the config file's own error inside config_flags'
+    sys.exit(f'error: {one_line_message(error)}')
+
+
+def config_flag(argv) -> str | None:
+  """The value of the last `--config` flag: `path[:args]`."""
+  values = [arg.split('=', 1)[1] if '=' in arg else value for arg, value in zip(argv, [*argv[1:], ''])
+            if arg == '--config' or arg.startswith('--config=')]
+  return values[-1] if values else None
+
+
+def config_path(argv) -> str | None:
+  return None if (value := config_flag(argv)) is None else value.partition(':')[0]
+
+
+def one_line_message(error: BaseException) -> str:
+  """The outermost one-line message of an error chain: absl's names the flag ('flag --config.batch_size=abc:
+  invalid literal ...'); config_flags wraps a config file's own error twice with tracebacks in the text, so there
+  it is the innermost."""
+  while True:
+    text = str(error).strip()
+    cause = error.__cause__ or error.__context__
+    if (text and '\n' not in text) or cause is None:
+      return text.splitlines()[0] if text else type(error).__name__
+    error = cause
+
+
+def override_error(argv) -> str | None:
+  """Which `--config.<path>=` override names no field, with the fields that exist and the closest one."""
+  from dferjax import configlib  # pylint: disable=import-outside-toplevel
+  if (value := config_flag(argv)) is None:
+    return None
+  path, _, config_arg = value.partition(':')
+  config = configlib.load_config(path, config_arg or None)
+  for arg in argv:
+    if arg.startswith('--config.'):
+      if message := unknown_field_message(config, arg[len('--config.'):].split('=', 1)[0]):
+        return message
+  return None

@@ -32,7 +32,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     elif isinstance(default, bool):
       parsed[key] = value.lower() in ('1', 'true', 'yes')
     else:
-      parsed[key] = type(default)(value)
+      try:
+        parsed[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(f'config argument {key}={value!r}: expected {type(default).__name__} (default '
+                         f'{default!r}; got {arg!r})') from None
   return parsed
 
 

@@ -10,7 +10,6 @@ Expected errors (a misspelt field, bad data, a full disk) print one `error: ...`
 stops naming the last checkpoint; --verbose shows tracebacks.
 """
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -39,35 +38,6 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     'compilation_cache', os.path.expanduser('~/.cache/dferjax/jax'),
     'Persistent XLA compilation cache, so a restarted run does not recompile; empty to disable.')
 flags.mark_flags_as_required(['config'])
-_HELP_FLAGS = ('-h', '-?', '--help', '--helpshort', '--helpfull')
-
-
-def parse_flags(argv):
-  """absl's parsing, but `--help` exits 0 and a misspelt `--config.<field>` names the block's fields."""
-  if any(arg in _HELP_FLAGS for arg in argv[1:]):
-    app.usage(shorthelp='--helpfull' not in argv, writeto_stdout=True, exitcode=0)
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as error:  # config_flags' override of a field that does not exist
-    sys.exit(f'error: {override_error(argv) or error}')
-
-
-def override_error(argv) -> str | None:
-  """Which `--config.<path>=` override names no field, with the fields that exist and the closest one."""
-  from dferjax import configlib  # pylint: disable=import-outside-toplevel
-  config_args = [arg.split('=', 1)[1] if '=' in arg else value for arg, value in zip(argv, [*argv[1:], ''])
-                 if arg == '--config' or arg.startswith('--config=')]
-  if not config_args:
-    return None
-  path, _, config_arg = config_args[-1].partition(':')
-  config = configlib.load_config(path, config_arg or None)
-  for arg in argv:
-    if arg.startswith('--config.'):
-      if message := cli.unknown_field_message(config, arg[len('--config.'):].split('=', 1)[0]):
-        return message
-  return None
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -99,4 +69,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

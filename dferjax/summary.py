@@ -202,7 +202,8 @@ def _main():
     summary = summarize(config_flag.value, batch_flag.value)
     print(json.dumps(summary) if json_flag.value else format_summary(summary))
 
-  app.run(main)
+  from dferjax import cli  # pylint: disable=import-outside-toplevel
+  app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':

@@ -45,13 +45,30 @@ def test_main_config_typo_names_the_fields_and_the_closest():
              'did you mean config.optimizer.learning_rate?')
 
 
-@pytest.mark.parametrize('case', ['batch_size_0', 'unwritable_workdir'])
+@pytest.mark.parametrize('case', ['batch_size_0', 'unwritable_workdir', 'no_backbone'])
 def test_main_expected_errors_are_one_message(tmp_path, case):
   if case == 'batch_size_0':
     args, wanted = (f'--workdir={tmp_path}', '--config.batch_size=0'), ('config.batch_size=0',)
-  else:
+  elif case == 'unwritable_workdir':
     args, wanted = ('--workdir=/sys/dferjax_unwritable_run',), ('cannot write (/sys/dferjax_unwritable_run)',)
+  else:  # stops right after the checkpoint manager starts (its cleanup thread must not outlive the exit)
+    args, wanted = (f'--workdir={tmp_path / "run"}', '--config.init_from.backbone='), (
+        'stt trains from a pretrained backbone in its paper, and none was given',)
   _one_error(_run('-m', 'dferjax.main', '--config', TINY_CONFIG, '--compilation_cache=', *args), *wanted)
+
+
+@pytest.mark.parametrize('module', ['dferjax.main', 'dferjax.summary'])
+def test_config_flag_errors_are_one_message_naming_the_flag(module):
+  """Parsed before anything runs: a missing config file, a config argument it does not take or of the wrong type,
+  an override of the wrong type."""
+  workdir = ['--workdir=/tmp/unused'] if module == 'dferjax.main' else []
+  cases = [(['--config', 'configs/stt_dfw.py'], '--config configs/stt_dfw.py: no such file'),
+           (['--config', f'{TINY_CONFIG}:fodl=2'], "config argument 'fodl' is not one of ['epochs', 'fold', 'layers']"),
+           (['--config', f'{TINY_CONFIG}:fold=x'], "config argument fold='x': expected int (default 1"),
+           (['--config', TINY_CONFIG, '--config.batch_size=abc'],
+            "flag --config.batch_size=abc: invalid literal for int() with base 10: 'abc'")]
+  for args, wanted in cases if module == 'dferjax.main' else cases[::3]:
+    _one_error(_run('-m', module, *args, *workdir), wanted)
 
 
 def test_evaluate_bad_step_and_duplicated_folds_are_one_message(tmp_path):
