@@ -48,12 +48,15 @@ class _QuietDiskFull(logging.Filter):
     return not (record.exc_info and record.exc_info[1] is not None and cli.is_disk_full(record.exc_info[1]))
 
 
-class _QuietStepSaves(logging.Filter):
-  """A save between evaluations (`checkpoint_every_steps`, a SIGTERM's) has no metrics by design; Orbax warns of
-  each ('Requested `tracked_metric`; did not provide metrics.'). Such a checkpoint is never the best one."""
+class _QuietOnPurpose(logging.Filter):
+  """Orbax's warnings about what this module asks for on purpose: a save between evaluations
+  (`checkpoint_every_steps`, a SIGTERM's) has no metrics, so it is never the best one; a reader (evaluate, predict,
+  export) opens the checkpoints read-only."""
+  _MESSAGES = ('Requested `tracked_metric`; did not provide metrics',
+               'CheckpointManagerOptions.read_only=True, setting save_interval_steps=0', 'Given directory is read only=')
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith('Requested `tracked_metric`; did not provide metrics')
+    return not str(record.msg).startswith(self._MESSAGES)
 
 
 def _quiet_closed_event_loop(previous: Callable) -> Callable:
@@ -66,10 +69,10 @@ def _quiet_closed_event_loop(previous: Callable) -> Callable:
   return hook
 
 
-def _quiet_failed_saves():
-  """A save the disk refused is reported once, by the error it raises (see `Checkpoints.check_for_errors`); a save
-  without metrics is not reported."""
-  for name, quiet in (('absl', _QuietDiskFull), ('asyncio', _QuietDiskFull), ('absl', _QuietStepSaves)):
+def _quiet_orbax():
+  """A save the disk refused is reported once, by the error it raises (see `Checkpoints.check_for_errors`); what is
+  asked for on purpose is not reported."""
+  for name, quiet in (('absl', _QuietDiskFull), ('asyncio', _QuietDiskFull), ('absl', _QuietOnPurpose)):
     if not any(isinstance(f, quiet) for f in logging.getLogger(name).filters):  # Orbax logs through absl
       logging.getLogger(name).addFilter(quiet())
   if not getattr(sys.unraisablehook, 'quiets_closed_event_loop', False):
@@ -106,7 +109,7 @@ class Checkpoints:
       raise FileNotFoundError(f'no checkpoints in {workdir!r}: expected the directory {self.directory}')
     if not read_only:
       self._set_aside_damaged()
-      _quiet_failed_saves()
+    _quiet_orbax()
     self._read_only = read_only
     self._saving: int | None = None  # the step of the save in flight
     self.manager = _manager(self.directory, keep=keep, best_metric=best_metric, also_best=also_best,

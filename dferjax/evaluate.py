@@ -19,7 +19,7 @@ import os
 import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 import ml_collections
 
 from dferjax import cli
@@ -121,6 +121,8 @@ def choose_step(checkpoints, step: str, config: ml_collections.ConfigDict, workd
 
 def main(argv):
   del argv
+  if not _VERBOSE.value:  # the libraries' INFO logs (Orbax, TFDS: a screenful per evaluation), as in dferjax.main
+    logging.set_verbosity(logging.WARNING)
   cli.run(run_command, verbose=_VERBOSE.value)
 
 

@@ -253,6 +253,12 @@ def test_evaluate_cli_reproduces_the_final_evaluation(tmp_path, data_dir):
   from dferjax import evaluate
   again = evaluate.evaluate_checkpoint(str(tmp_path), 'latest')
   assert again['confusion'] == result['confusion']
+  # The command prints the table and nothing of the libraries' INFO logs or Orbax's read-only warnings.
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'JAX_PLATFORMS': 'cpu'}
+  output = subprocess.run([sys.executable, '-m', 'dferjax.evaluate', f'--workdir={tmp_path}', '--step=latest'],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True)
+  assert f'{100 * result["war"]:.2f} |' in output.stdout, output.stdout
+  assert not re.search(r'^([IWE]\d{4} |WARNING:)', output.stdout + output.stderr, re.MULTILINE), output.stderr
 
 
 def test_one_and_two_devices_give_the_same_parameters():
