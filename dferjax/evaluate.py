@@ -34,7 +34,8 @@ _FOLDS = flags.DEFINE_list('folds', None, 'Workdirs of the 5 DFEW folds, to coll
 _SELECT_BY = flags.DEFINE_enum('select_by', 'war', ['war', 'uar'],
                                'Fold table: per fold, the epoch with the best test metric (the public repos\' protocol).')
 _LAST = flags.DEFINE_bool('last', False, 'Fold table: use the last epoch instead of the best.')
-_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the traceback of an expected error (else one message).')
+_VERBOSE = flags.DEFINE_bool('verbose', False, "Show the libraries' INFO logs and the traceback of an expected error "
+                               '(else one message).')
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:

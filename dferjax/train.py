@@ -70,6 +70,20 @@ def learning_rate_schedule(optimizer: ml_collections.ConfigDict, steps_per_epoch
   return schedule
 
 
+def schedule_change_note(optimizer: ml_collections.ConfigDict, steps_per_epoch: int, saved_epochs: int,
+                         num_epochs: int, step: int) -> str | None:
+  """A run resumed with another `num_epochs` (a resumable field): a cosine whose period is num_epochs
+  (`cosine_epochs=0`) then anneals to another end, so the learning rate from `step` on is not the saved run's.
+  Said at the start, with the field that keeps the saved schedule."""
+  if optimizer.schedule != 'cosine' or optimizer.cosine_epochs or saved_epochs == num_epochs:
+    return None
+  saved, now = (float(learning_rate_schedule(optimizer, steps_per_epoch, epochs)(step))
+                for epochs in (saved_epochs, num_epochs))
+  return (f'note: config.num_epochs={num_epochs}, and the checkpoint\'s run had {saved_epochs}: the cosine schedule '
+          f'anneals over num_epochs, so from step {step} the learning rate is {now:.4g} (the saved run\'s '
+          f'{saved:.4g}). To keep the saved schedule, pass --config.optimizer.cosine_epochs={saved_epochs} too.')
+
+
 def create_optimizer(optimizer: ml_collections.ConfigDict, schedule: optax.Schedule,
                      frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
   """SGD/Adam with PyTorch's coupled weight decay (added to the gradient before momentum), on every parameter but
@@ -388,10 +402,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpo
   start_step = checkpoints.latest_step()
   notice.begin(start_step or 0)
   config_json = checkpoint_lib.config_to_json(config)
+  saved_config = None
   if start_step is None:
     checkpoint_lib.check_starting_point(config)
   else:
-    checkpoint_lib.check_resumable(config_json, checkpoints.saved_config(start_step), checkpoints.directory)
+    saved_config = checkpoints.saved_config(start_step)
+    checkpoint_lib.check_resumable(config_json, saved_config, checkpoints.directory)
 
   train_source, eval_source = inputs.data_sources(config)
   train_source, heldout_source = validation.split(config, train_source, workdir, write=is_chief)
@@ -407,6 +423,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpo
     state = checkpoints.restore(start_step, steps.abstract_state)
     if is_chief:
       print(f'resumed from {checkpoints.directory} at step {start_step}', flush=True)
+      if note := schedule_change_note(config.optimizer, steps_per_epoch, saved_config['num_epochs'],
+                                      config.num_epochs, start_step):
+        print(note, flush=True)
   else:
     state = checkpoint_lib.initial_state(config, steps.init(jax.random.key(config.seed)), steps.model,
                                          steps.state_sharding)

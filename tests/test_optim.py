@@ -29,6 +29,20 @@ def test_cosine_warmup_schedule_matches_formula():
     np.testing.assert_allclose(float(schedule(epoch * 3 + 1)), want, rtol=1e-5)
 
 
+def test_resuming_with_another_num_epochs_says_when_the_cosine_changes():
+  """num_epochs is resumable; a cosine over num_epochs then anneals elsewhere, and the run says so, with numbers."""
+  cosine = _optimizer_config(schedule='cosine', learning_rate=0.1, cosine_epochs=0)
+  note = train.schedule_change_note(cosine, steps_per_epoch=10, saved_epochs=30, num_epochs=40, step=200)
+  saved, now = 0.1 * 0.5 * (1 + np.cos(np.pi * 20 / 30)), 0.1 * 0.5 * (1 + np.cos(np.pi * 20 / 40))
+  assert note == (f"note: config.num_epochs=40, and the checkpoint's run had 30: the cosine schedule anneals over "
+                  f"num_epochs, so from step 200 the learning rate is {now:.4g} (the saved run's {saved:.4g}). To "
+                  f"keep the saved schedule, pass --config.optimizer.cosine_epochs=30 too.")
+  assert train.schedule_change_note(cosine, 10, 30, 30, 200) is None  # the same epochs
+  fixed = _optimizer_config(schedule='cosine', learning_rate=0.1, cosine_epochs=160)  # its own period
+  assert train.schedule_change_note(fixed, 10, 30, 40, 200) is None
+  assert train.schedule_change_note(_optimizer_config(), 10, 30, 40, 200) is None  # step: by epoch, not by the end
+
+
 def test_exponential_schedule_matches_torch_exponential_lr():
   torch = pytest.importorskip('torch')
   config = _optimizer_config(schedule='exponential', learning_rate=1e-3, decay_rate=0.01 ** (1 / 70))
