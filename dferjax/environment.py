@@ -54,10 +54,17 @@ def git_state() -> dict | None:
   return {'commit': commit, 'dirty': dirty}
 
 
+# The variables that choose a process's devices and its share of their memory (scripts/run_folds.py --gpus sets
+# the first two): which GPU a fold ran on.
+DEVICE_VARIABLES = ('CUDA_VISIBLE_DEVICES', 'XLA_PYTHON_CLIENT_MEM_FRACTION', 'XLA_PYTHON_CLIENT_PREALLOCATE',
+                    'TPU_VISIBLE_CHIPS')
+
+
 def device_state() -> dict:
   devices = jax.devices()
   return {'backend': jax.default_backend(), 'device_kind': devices[0].device_kind, 'device_count': len(devices),
-          'local_device_count': jax.local_device_count(), 'process_count': jax.process_count()}
+          'local_device_count': jax.local_device_count(), 'process_count': jax.process_count(),
+          'variables': {name: os.environ[name] for name in DEVICE_VARIABLES if name in os.environ}}
 
 
 def files_fingerprint(path: pathlib.Path) -> str:

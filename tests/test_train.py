@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dferjax import checkpoint as checkpoint_lib
-from dferjax import configlib, train
+from dferjax import configlib, environment, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, 'tests', 'tiny_config.py')
@@ -28,12 +28,12 @@ TEST_COMPILATION_CACHE = os.path.join(tempfile.gettempdir(), f'dferjax_tests_xla
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-  """The synthetic DFEW layout, built as TFDS `dfew/fold1_px32` (the real builder code path)."""
+  """The synthetic DFEW layout, built as TFDS `dfew/fold1_px32` and `fold2_px32` (the real builder code path)."""
   from dferjax.data import build, synthetic
   root = tmp_path_factory.mktemp('synthetic')
   manual_dir, data_dir = root / 'manual', root / 'tfds'
   synthetic.write_dfew(str(manual_dir), clips_per_class=5, seed=0)
-  build.build('dfew', manual_dir=str(manual_dir), data_dir=str(data_dir), configs=['fold1_px32'])
+  build.build('dfew', manual_dir=str(manual_dir), data_dir=str(data_dir), configs=['fold1_px32', 'fold2_px32'])
   return str(data_dir)
 
 
@@ -308,26 +308,61 @@ def test_run_folds_collects_a_table_in_the_papers_layout(tmp_path, data_dir):
   assert 'fold2' in output and 'fold1' not in output, output
 
 
-def test_run_folds_passes_sigterm_on_and_stops_with_the_folds_status(tmp_path, data_dir):
-  """Kubernetes signals only a container's first process: run_folds, whose fold then saves and stops."""
+def test_run_folds_trains_folds_at_once_each_on_its_gpu(tmp_path, data_dir):
+  """--gpus 0,0: both folds at once on "GPU 0" (CPU JAX ignores the variable; the run records it), each with 0.45 of
+  its memory; each fold's output in its workdir, then the table of both, equal to each run's own results."""
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_PYTHON_CLIENT_MEM_FRACTION', None)
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'scripts', 'run_folds.py'), f'--config={TINY_CONFIG}',
+       f'--workdir={tmp_path / "stt"}', '--folds=1,2', '--gpus=0,0', '--', f'--config.dataset.data_dir={data_dir}',
+       '--config.num_epochs=1', f'--compilation_cache={TEST_COMPILATION_CACHE}'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stdout + result.stderr
+  for fold in (1, 2):
+    workdir = tmp_path / f'stt_fold{fold}'
+    assert f'fold {fold}: started on GPU 0, output in {workdir / "run_folds.log"}' in result.stdout
+    assert f'fold {fold}: done: epoch 1 | train' in result.stdout, result.stdout
+    assert 'epoch 1 | train' in (workdir / 'run_folds.log').read_text()
+    devices = environment.read(str(workdir))[-1]['devices']['variables']
+    assert devices == {'CUDA_VISIBLE_DEVICES': '0', 'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.45'}
+  started = [line for line in result.stdout.splitlines() if ': started on GPU' in line]
+  first_done = result.stdout.splitlines().index(next(line for line in result.stdout.splitlines() if ': done' in line))
+  assert all(result.stdout.splitlines().index(line) < first_done for line in started)  # at once, not one by one
+  wars = [json.load(open(tmp_path / f'stt_fold{fold}' / 'results.json'))['last']['war'] for fold in (1, 2)]
+  assert 'fold1' in result.stdout and 'fold2' in result.stdout and f'{100 * np.mean(wars):.2f}' in result.stdout
+
+
+@pytest.mark.parametrize('gpus', ['', '0,1'])
+def test_run_folds_passes_sigterm_on_and_stops_with_the_folds_status(tmp_path, data_dir, gpus):
+  """Kubernetes signals only a container's first process: run_folds, whose running folds then save and stop; one
+  after another (fold 2 never starts) or at once (--gpus: both were running)."""
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'JAX_PLATFORMS': 'cpu'}
   process = subprocess.Popen(
       [sys.executable, os.path.join(REPO, 'scripts', 'run_folds.py'), f'--config={TINY_CONFIG}',
-       f'--workdir={tmp_path / "stt"}', '--folds=1,2', '--', f'--config.dataset.data_dir={data_dir}',
+       f'--workdir={tmp_path / "stt"}', '--folds=1,2', f'--gpus={gpus}', '--', f'--config.dataset.data_dir={data_dir}',
        f'--compilation_cache={TEST_COMPILATION_CACHE}'],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  running = [1, 2] if gpus else [1]
   deadline = time.time() + 300
-  while not (tmp_path / 'stt_fold1' / train.LOCK_FILENAME).exists():  # the fold's trainer has its SIGTERM handler
-    assert process.poll() is None, process.communicate()[0]
-    assert time.time() < deadline, 'fold 1 never started'
+  while not all((tmp_path / f'stt_fold{fold}' / train.LOCK_FILENAME).exists() for fold in running):
+    assert process.poll() is None, process.communicate()[0]  # (each trainer takes its SIGTERM handler first)
+    assert time.time() < deadline, 'the folds never started'
     time.sleep(0.05)
   process.send_signal(signal.SIGTERM)  # to run_folds alone
   output, _ = process.communicate(timeout=120)
   assert process.returncode == 143, output
-  saved = re.search(r'stopped by SIGTERM after saving step (\d+): the last checkpoint is ', output)
-  assert saved and (tmp_path / 'stt_fold1' / 'checkpoints' / saved[1]).is_dir(), output
-  assert 'run_folds: fold 1 stopped (exit status 143); folds after it not started' in output, output
-  assert 'Traceback' not in output and not (tmp_path / 'stt_fold2').exists(), output
+  for fold in running:
+    fold_output = (tmp_path / f'stt_fold{fold}' / 'run_folds.log').read_text() if gpus else output
+    saved = re.search(r'stopped by SIGTERM after saving step (\d+): the last checkpoint is ', fold_output)
+    assert saved and (tmp_path / f'stt_fold{fold}' / 'checkpoints' / saved[1]).is_dir(), fold_output
+  if gpus:
+    assert 'run_folds: fold(s) 1, 2 stopped. Run the same command' in output or \
+        'run_folds: fold(s) 2, 1 stopped. Run the same command' in output, output
+  else:
+    assert 'run_folds: fold 1 stopped (exit status 143); folds after it not started' in output, output
+    assert not (tmp_path / 'stt_fold2').exists(), output
+  assert 'Traceback' not in output, output
 
 
 def test_ctrl_c_stops_within_seconds_naming_the_last_checkpoint(tmp_path, data_dir):
