@@ -60,7 +60,23 @@ def last_checkpoint(workdir: str | None) -> str:
   return f'the last checkpoint is {os.path.join(directory, str(max(steps)))} (the same command resumes from it)'
 
 
+def damaged_records(error: BaseException) -> str | None:
+  """ArrayRecord's reason when `error` (or one behind it) is its refusal of a damaged file ('Corrupted
+  Riegeli/records file: chunk header hash mismatch ...'): a cut copy of a built dataset whose build recorded no file
+  sizes (datasets.check_files finds the others before any read)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if 'Riegeli' in str(error):
+      return str(error).strip().splitlines()[0][:300]
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
+
+
 def error_message(error: BaseException, workdir: str | None = None) -> str:
+  if reason := damaged_records(error):
+    return (f'a built dataset file is damaged ({reason}): copy the dataset again from where it was built, or '
+            'rebuild it (scripts/build_dataset.py --overwrite)')
   found = os_error(error)
   where = f' ({found.filename})' if found is not None and found.filename else ''
   if found is not None and found.errno in DISK_FULL:
@@ -92,7 +108,7 @@ def run(fn: Callable, *, verbose: bool = False, workdir: str | None = None):
     sys.exit(preemption.EXIT_STATUS)
   except Exception as error:  # pylint: disable=broad-except  # re-raised unless expected
     # Expected: the types above, and a library's own type around an OS error (array_record's RuntimeError).
-    if verbose or not (isinstance(error, EXPECTED_ERRORS) or os_error(error) is not None):
+    if verbose or not (isinstance(error, EXPECTED_ERRORS) or os_error(error) is not None or damaged_records(error)):
       raise
     sys.stderr.write(f'error: {error_message(error, workdir)}\n')
     sys.exit(1)

@@ -1,5 +1,6 @@
 """TFDS builders on synthetic trees of the three real layouts: records, splits, bad input, failed builds."""
 import importlib.util
+import json
 import os
 import pathlib
 import pickle
@@ -12,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
+from dferjax import cli
 from dferjax.data import build as build_lib
 from dferjax.data import datasets, synthetic
 from tfds_builders import common, labels
@@ -190,6 +192,37 @@ def test_missing_empty_and_nested_clip_folders_are_skipped_and_counted(small_dfe
   summary = build_lib.format_summary([report])
   assert 'skipped 1 clip(s): missing clip folder' in summary and 'skipped 1 clip(s): empty clip folder' in summary
   assert 'skipped 1 clip(s): frames one folder deeper' in summary
+
+
+def test_a_cut_copy_of_a_built_dataset_is_named_before_any_read(small_dfew, tmp_path):
+  """An interrupted copy of the built files (rsync to a node's disk): found by their recorded sizes at open, and,
+  for a build that recorded none, ArrayRecord's error is one line."""
+  name = f'dfew/fold1_px{SIZE}'
+  build_lib.build('dfew', small_dfew, tmp_path / 'data', ['fold1'], image_size=SIZE, workers=1, show_progress=False)
+  shutil.copytree(tmp_path / 'data', tmp_path / 'copy')
+  data_path = pathlib.Path(os.fspath(datasets.builder(name, tmp_path / 'copy').data_path))
+  shard, = data_path.glob('*-train.array_record-*')
+  size = shard.stat().st_size
+  os.truncate(shard, size // 2)
+  with pytest.raises(ValueError) as error:
+    datasets.data_source(name, 'train', tmp_path / 'copy')
+  assert str(error.value) == (f'{name} in {data_path} is not as built: {shard.name} is {size // 2:,} bytes, the build '
+                              f'wrote {size:,} (a cut or unfinished copy?). Copy it again from where it was built, or '
+                              'rebuild it (scripts/build_dataset.py --overwrite).')
+  with pytest.raises(ValueError, match='is not as built'):  # building there again does not take it as built
+    build_lib.build('dfew', small_dfew, tmp_path / 'copy', ['fold1'], image_size=SIZE, workers=1, show_progress=False)
+
+  record = json.loads((data_path / build_lib.BUILD_RECORD).read_text())
+  del record['files']  # as a build before the sizes were recorded
+  (data_path / build_lib.BUILD_RECORD).write_text(json.dumps(record))
+  source = datasets.data_source(name, 'train', tmp_path / 'copy')
+  with pytest.raises(RuntimeError) as error:
+    for index in range(len(source)):
+      source[index]
+  message = cli.error_message(error.value)
+  assert message.startswith('a built dataset file is damaged (Corrupted Riegeli') and '\n' not in message
+  assert message.endswith('copy the dataset again from where it was built, or rebuild it '
+                          '(scripts/build_dataset.py --overwrite)')
 
 
 def test_corrupt_frame_fails_naming_file_and_leaves_nothing_readable(small_dfew, tmp_path):

@@ -24,6 +24,7 @@ import time
 
 import tqdm
 
+from dferjax.data import datasets
 from dferjax.data.datasets import builder_class
 from tfds_builders.labels import CLASS_NAMES
 
@@ -73,7 +74,7 @@ def check_manual_dir(dataset: str, manual_dir) -> pathlib.Path:
   return manual_dir
 
 
-BUILD_RECORD = 'dferjax_build.json'
+BUILD_RECORD = datasets.BUILD_RECORD
 # A split that loses more than this share of its listed clips (missing or empty folders) is announced loudly.
 SKIPPED_WARNING_FRACTION = 0.03
 
@@ -93,8 +94,9 @@ def build_record(scan, config) -> dict:
 
 
 def write_build_record(builder, record: dict) -> None:
+  """The record, with the sizes of the files just written (`datasets.check_files` compares them at every read)."""
   with open(builder.data_path / BUILD_RECORD, 'w') as f:
-    json.dump(record, f, indent=2)
+    json.dump({**record, 'files': datasets.data_files(builder.data_path)}, f, indent=2)
 
 
 def check_unchanged(builder, record: dict, name: str, manual_dir) -> None:
@@ -190,6 +192,7 @@ def build(dataset: str, manual_dir, data_dir, configs=None, *, image_size: int |
     done = is_built(builder) and not overwrite
     if done:
       check_unchanged(builder, build_record(scan, builder.builder_config), f'{dataset}/{name}', manual_dir)
+      datasets.check_files(f'{dataset}/{name}', builder.data_path)
     reports[name] = ConfigReport(f'{dataset}/{name}', os.fspath(builder.data_path),
                                  'already built' if done else 'built', **scan.summary(),
                                  warnings=skipped_warnings(f'{dataset}/{name}', scan))

@@ -3,7 +3,9 @@
 `data_source('dfew/fold1_px48', 'train', data_dir)` hides the TFDS builder classes: the pipeline and the trainer
 only name a dataset. Build first with `python scripts/build_dataset.py` (see `dferjax.data.build`).
 """
+import json
 import os
+import pathlib
 
 import numpy as np
 
@@ -45,6 +47,30 @@ def builder(name: str, data_dir: str):
   return cls(config=config, data_dir=os.fspath(data_dir))
 
 
+BUILD_RECORD = 'dferjax_build.json'  # written by dferjax.data.build beside the built files
+
+
+def data_files(data_path) -> dict[str, int]:
+  """{file name: bytes} of a built config's record files (the ArrayRecord shards)."""
+  return {entry.name: entry.stat().st_size for entry in os.scandir(data_path) if '.array_record-' in entry.name}
+
+
+def check_files(name: str, data_path) -> None:
+  """Compares a built config's record files with the sizes its build recorded: a cut copy (an interrupted rsync
+  or scp to a node's disk) would otherwise fail inside ArrayRecord ('Corrupted Riegeli/records file') at the first
+  read of a damaged record, or not at all. Builds recorded before sizes were are not checked."""
+  record_path = pathlib.Path(data_path) / BUILD_RECORD
+  recorded = json.loads(record_path.read_text()).get('files') if record_path.is_file() else None
+  if not recorded:
+    return
+  found = data_files(data_path)
+  differing = [f'{file} is {"missing" if file not in found else f"{found[file]:,} bytes"}, the build wrote '
+               f'{size:,}' for file, size in sorted(recorded.items()) if found.get(file) != size]
+  if differing:
+    raise ValueError(f'{name} in {data_path} is not as built: {"; ".join(differing)} (a cut or unfinished copy?). '
+                     'Copy it again from where it was built, or rebuild it (scripts/build_dataset.py --overwrite).')
+
+
 def data_source(name: str, split: str, data_dir: str):
   """Random-access source (len + __getitem__) of one split; records follow docs/contracts.md.
 
@@ -59,6 +85,7 @@ def data_source(name: str, split: str, data_dir: str):
         f'  python scripts/build_dataset.py --dataset {dataset} --manual_dir <{dataset} root> '
         f'--data_dir {data_dir} --configs {dataset_builder.builder_config.name}\n'
         f'(or `python -m dferjax.data.synthetic --layout {dataset} --out <dir>` for a synthetic root).')
+  check_files(name, dataset_builder.data_path)
   base_split = split.split('[', 1)[0]
   if base_split not in dataset_builder.info.splits:
     raise ValueError(f'split {split!r} not in {sorted(dataset_builder.info.splits)} of {name} '
