@@ -223,6 +223,10 @@ def test_a_cut_copy_of_a_built_dataset_is_named_before_any_read(small_dfew, tmp_
   assert message.startswith('a built dataset file is damaged (Corrupted Riegeli') and '\n' not in message
   assert message.endswith('copy the dataset again from where it was built, or rebuild it '
                           '(scripts/build_dataset.py --overwrite)')
+  (data_path / 'dataset_info.json').write_text('{"name": "dfew", "splits": [')  # TFDS's metadata, cut short
+  with pytest.raises(ValueError, match=f'{name}: the built metadata under {tmp_path / "copy" / "dfew"}.* cannot be '
+                                       r'read \(ParseError: .*a cut or unfinished copy\?'):
+    datasets.data_source(name, 'train', tmp_path / 'copy')
 
 
 def test_corrupt_frame_fails_naming_file_and_leaves_nothing_readable(small_dfew, tmp_path):

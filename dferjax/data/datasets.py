@@ -44,7 +44,17 @@ def builder(name: str, data_dir: str):
   # By name, not object: a pickled builder (grain worker processes) re-resolves it to the one config object
   # TFDS accepts for that name.
   config = cls.config_from_name(config_name).name if config_name else None
-  return cls(config=config, data_dir=os.fspath(data_dir))
+  try:
+    return cls(config=config, data_dir=os.fspath(data_dir))
+  except Exception as error:  # pylint: disable=broad-except  # re-raised unless a metadata file is unreadable
+    # TFDS reads a built config's dataset_info.json on construction; a cut or empty one (an interrupted copy)
+    # raises protobuf's ParseError or a JSON error from deep inside TFDS.
+    if not any(kind in type(error).__name__ for kind in ('ParseError', 'JSONDecodeError', 'DecodeError')):
+      raise
+    where = os.path.join(os.fspath(data_dir), dataset, config or '')
+    raise ValueError(f'{name}: the built metadata under {where} cannot be read ({type(error).__name__}: '
+                     f'{str(error).strip().splitlines()[0][:200]}): a cut or unfinished copy? Copy it again from '
+                     'where it was built, or rebuild it (scripts/build_dataset.py --overwrite).') from error
 
 
 BUILD_RECORD = 'dferjax_build.json'  # written by dferjax.data.build beside the built files
