@@ -10,7 +10,7 @@ import errno
 import os
 import re
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 from dferjax import preemption
 
@@ -28,22 +28,28 @@ _RECORD_WRITE_FAILED = re.compile(r'write\(\) failed: ([^;]+); writing ([^;]+);'
 _DISK_FULL_BY_TEXT = {os.strerror(code): code for code in DISK_FULL}
 
 
+def causes(error: BaseException | None) -> Iterator[BaseException]:
+  """`error`, then the error it was raised from or during, and so on (`raise ... from None` ends the chain)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    yield error
+    seen.add(id(error))
+    error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+
+
 def os_error(error: BaseException) -> OSError | None:
   """The OSError behind `error`. Orbax and grain re-raise a worker's failure under their own type; tensorstore
   (Orbax's array writer) raises a ValueError that carries the errno in its text only: a full disk or file-size
   limit there ("... Failed to write 16574 bytes to file 12: File too large [os_error_code='27']") comes back as
   an OSError without a file name; array_record's ("write() failed: File too large; writing <path>; ...") as one
   naming its file."""
-  seen = set()
-  while error is not None and id(error) not in seen:
+  for error in causes(error):
     if isinstance(error, OSError) and error.errno is not None:
       return error
     if (code := re.search(r"\[os_error_code='(\d+)'\]", str(error))) and int(code[1]) in DISK_FULL:
       return OSError(int(code[1]), os.strerror(int(code[1])))
     if (failed := _RECORD_WRITE_FAILED.search(str(error))) and failed[1] in _DISK_FULL_BY_TEXT:
       return OSError(_DISK_FULL_BY_TEXT[failed[1]], failed[1], failed[2])
-    seen.add(id(error))
-    error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)  # `from None` ends it
   return None
 
 
@@ -64,13 +70,7 @@ def damaged_records(error: BaseException) -> str | None:
   """ArrayRecord's reason when `error` (or one behind it) is its refusal of a damaged file ('Corrupted
   Riegeli/records file: chunk header hash mismatch ...'): a cut copy of a built dataset whose build recorded no file
   sizes (datasets.check_files finds the others before any read)."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    if 'Riegeli' in str(error):
-      return str(error).strip().splitlines()[0][:300]
-    seen.add(id(error))
-    error = error.__cause__ or error.__context__
-  return None
+  return next((str(error).strip().splitlines()[0][:300] for error in causes(error) if 'Riegeli' in str(error)), None)
 
 
 def error_message(error: BaseException, workdir: str | None = None) -> str:
@@ -107,7 +107,8 @@ def run(fn: Callable, *, verbose: bool = False, workdir: str | None = None):
     sys.stderr.write(f'{stop}: {last_checkpoint(workdir)}\n')
     sys.exit(preemption.EXIT_STATUS)
   except Exception as error:  # pylint: disable=broad-except  # re-raised unless expected
-    # Expected: the types above, and a library's own type around an OS error (array_record's RuntimeError).
+    # Expected: the types above, and a library's own type around an OS error or a damaged record file
+    # (array_record's RuntimeError).
     if verbose or not (isinstance(error, EXPECTED_ERRORS) or os_error(error) is not None or damaged_records(error)):
       raise
     sys.stderr.write(f'error: {error_message(error, workdir)}\n')
@@ -133,8 +134,9 @@ _HELP_FLAGS = ('-h', '-?', '--help', '--helpshort', '--helpfull')
 
 
 def parse_flags(argv):
-  """absl's parsing (app.run's flags_parser) for a command with a `--config` file flag, but `--help` exits 0, a misspelt `--config.<field>` names the block's fields, and a missing
-  config file, a bad config argument (`:fodl=1`) or a value of the wrong type is one line, not a traceback."""
+  """absl's parsing (app.run's flags_parser) for a command with a `--config` file flag, but `--help` exits 0, a
+  misspelt `--config.<field>` names the block's fields, and a missing config file, a bad config argument
+  (`:fodl=1`) or a value of the wrong type is one line, not a traceback."""
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   if any(arg in _HELP_FLAGS for arg in argv[1:]):
     app.usage(shorthelp='--helpfull' not in argv, writeto_stdout=True, exitcode=0)
@@ -163,12 +165,9 @@ def one_line_message(error: BaseException) -> str:
   """The outermost one-line message of an error chain: absl's names the flag ('flag --config.batch_size=abc:
   invalid literal ...'); config_flags wraps a config file's own error twice with tracebacks in the text, so there
   it is the innermost."""
-  while True:
-    text = str(error).strip()
-    cause = error.__cause__ or error.__context__
-    if (text and '\n' not in text) or cause is None:
-      return text.splitlines()[0] if text else type(error).__name__
-    error = cause
+  chain = list(causes(error))
+  one_line = [text for text in (str(error).strip() for error in chain) if text and '\n' not in text]
+  return one_line[0] if one_line else (str(chain[-1]).strip().splitlines() or [type(chain[-1]).__name__])[0]
 
 
 def override_error(argv) -> str | None:
