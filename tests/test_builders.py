@@ -194,6 +194,19 @@ def test_missing_empty_and_nested_clip_folders_are_skipped_and_counted(small_dfe
   assert 'skipped 1 clip(s): frames one folder deeper' in summary
 
 
+def test_clip_root_one_level_too_deep_is_named(small_dfew, tmp_path):
+  """clip_224x224.zip unpacked into a folder of its own name: every clip is missing; the error says what is there."""
+  clip_root = small_dfew / 'Clip' / 'clip_224x224'
+  clip_root.rename(small_dfew / 'Clip' / 'inner')
+  clip_root.mkdir()
+  (small_dfew / 'Clip' / 'inner').rename(clip_root / 'clip_224x224')
+  with pytest.raises(ValueError) as error:
+    build_lib.build('dfew', small_dfew, tmp_path / 'data', ['fold1'], image_size=SIZE, workers=1, show_progress=False)
+  assert re.search(rf"split 'train' has no usable clips .*'missing clip folder': \d+\}}; expected e\.g\. "
+                   rf"{re.escape(str(clip_root))}/\d{{5}}, but {re.escape(str(clip_root))} holds clip_224x224/$",
+                   str(error.value)), error.value
+
+
 def test_a_cut_copy_of_a_built_dataset_is_named_before_any_read(small_dfew, tmp_path):
   """An interrupted copy of the built files (rsync to a node's disk): found by their recorded sizes at open, and,
   for a build that recorded none, ArrayRecord's error is one line."""

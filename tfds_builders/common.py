@@ -96,11 +96,20 @@ class Scan:
       return
     self.splits.setdefault(split, []).append(ClipRef(clip_id, label, tuple(frames)))
 
-  def check_not_empty(self, source: str) -> None:
+  def check_not_empty(self, source: str, clip_root: pathlib.Path | None = None) -> None:
+    """A split without clips stops the build, saying why they were skipped; when every one was missing, also what
+    `clip_root` (where the clip folders should be) holds instead, e.g. a folder of the same name one level down."""
     for split, clips in self.splits.items():
       if not clips:
         reasons = collections.Counter(reason for s, _, reason in self.skipped if s == split)
-        raise ValueError(f'split {split!r} has no usable clips ({source}); skipped: {dict(reasons) or "none listed"}')
+        example = next((clip_id for s, clip_id, _ in self.skipped if s == split), None)
+        holds = ''
+        if clip_root is not None and set(reasons) == {MISSING_FOLDER}:
+          names = sorted(entry.name + ('/' if entry.is_dir() else '') for entry in os.scandir(clip_root))
+          holds = (f'; expected e.g. {clip_root / example}, but {clip_root} holds '
+                   f'{", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "") or "nothing"}')
+        raise ValueError(f'split {split!r} has no usable clips ({source}); skipped: {dict(reasons) or "none listed"}'
+                         f'{holds}')
 
   def summary(self) -> dict:
     """{'splits': {split: {class name: clips}}, 'skipped': {reason: count}, 'skipped_examples': {reason: ids}}."""

@@ -123,7 +123,7 @@ Build without TensorFlow/Beam: python scripts/build_dataset.py --dataset dfew --
                            'train and test must be disjoint')
         listed[clip_id] = f'{path}:{line}'
         scan.add(split, clip_id, label, clip_root / clip_id)
-    scan.check_not_empty(f'fold {fold} under {manual_dir}')
+    scan.check_not_empty(f'fold {fold} under {manual_dir}', clip_root)
     return scan
 
 

@@ -71,7 +71,7 @@ Build without TensorFlow/Beam: python scripts/build_dataset.py --dataset ferv39k
       scan.splits[split] = []
       for _, clip_id, label in read_setup_csv(path):
         scan.add(split, clip_id, label, clip_root.joinpath(*clip_id.split('/')))
-    scan.check_not_empty(str(manual_dir))
+    scan.check_not_empty(str(manual_dir), clip_root)
     return scan
 
 
