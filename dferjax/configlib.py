@@ -122,6 +122,35 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+# Blocks whose fields belong to what they name and are checked there: the model's Module fields, a loss's, a
+# sampler's, the clip transforms'; a dataset's own (an image list's files, the synthetic demo's recipe).
+OPEN_FIELDS = ('model', 'loss', 'input.sampler', 'input.transforms', 'dataset.image_lists', 'dataset.image_root',
+               'dataset.label_order', 'dataset.synthetic')
+
+
+def check_known_fields(config: ml_collections.ConfigDict) -> None:
+  """Refuses a field the trainer never reads: `config.optimizer.lr = 0.1` in a config file would otherwise train
+  at the default learning rate without a word. Flags are checked as they are parsed (cli.parse_flags); this checks
+  what a config file itself sets."""
+  from dferjax import cli  # pylint: disable=import-outside-toplevel  # cli imports no jax; configlib stays light
+  base, messages = base_config(), []
+
+  def walk(node, known, prefix):
+    for key in node.keys():
+      name = f'{prefix}{key}'
+      if name in OPEN_FIELDS:
+        continue
+      if key not in known:
+        messages.append(cli.unknown_field_message(base, name))
+      elif hasattr(node[key], 'keys') and hasattr(known[key], 'keys'):
+        walk(node[key], known[key], f'{name}.')
+
+  walk(config, base, '')
+  if messages:
+    raise ValueError('the config sets fields no part of dferjax reads (a misspelling is ignored otherwise): '
+                     + '; '.join(messages))
+
+
 def segment_sampler(num_segments: int, frames_per_segment: int, short_clip_fallback: str = 'zeros') -> dict:
   """config.input.sampler for dynamic sampling: S segments of T frames (fallback 'zeros': the papers')."""
   return dict(name='segments', num_segments=num_segments, frames_per_segment=frames_per_segment,

@@ -24,8 +24,8 @@ import optax
 from flax.training import train_state
 
 from dferjax import checkpoint as checkpoint_lib
-from dferjax import (benchmarking, distributed, environment, losses, metrics, models, preemption, reports, sharding,
-                     writers)
+from dferjax import (benchmarking, configlib, distributed, environment, losses, metrics, models, preemption, reports,
+                     sharding, writers)
 from dferjax.data import inputs, pipeline, sampling, validation
 
 
@@ -313,6 +313,7 @@ def head_result(confusion, class_names) -> dict[str, Any]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final eval metrics."""
+  configlib.check_known_fields(config)
   distributed.check_posix_path(workdir, '--workdir', 'workdir')
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
   local_batch_size = sharding.check_batch_size(config.batch_size)

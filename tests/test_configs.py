@@ -22,6 +22,7 @@ def test_config_loads_locked_and_builds_its_model_loss_and_sampler(path):
   with pytest.raises(AttributeError):
     config.optimizer.lr = 0.1
   model = train.build_model(config)  # unknown fields would raise
+  configlib.check_known_fields(config)  # every field it sets is one the trainer reads
   losses.build_loss(config.loss)
   train.check_frames(model, config)  # the sampler gives the model's frame count
   assert config.dataset.name and config.model_name
@@ -88,6 +89,23 @@ def test_frame_count_mismatch_names_both_fields():
     config.input.sampler.num_segments = 4
   with pytest.raises(ValueError, match=r'config.model.num_frames=16 but config.input.sampler .* gives 8 frames'):
     train.check_frames(train.build_model(config), config)
+
+
+def test_a_field_set_in_a_config_file_that_nothing_reads_is_refused():
+  """A config file is plain Python: `config.optimizer.lr = 0.1` there would be ignored, training at the default."""
+  config = configlib.load_config('configs/stt_dfew.py')
+  with config.unlocked():
+    config.optimizer.lr = 0.1
+    config.input.image_szie = 48
+    config.model.anything = 1  # the model's own fields are checked by the model (test above)
+  with pytest.raises(ValueError) as error:
+    configlib.check_known_fields(config)
+  assert str(error.value) == (
+      'the config sets fields no part of dferjax reads (a misspelling is ignored otherwise): config.input has no '
+      "field 'image_szie' (its fields: augment, class_balanced, image_size, num_threads, num_workers, prefetch, "
+      'sampler, transforms); did you mean config.input.image_size?; config.optimizer has no field \'lr\' (its fields: '
+      'cosine_epochs, decay_rate, grad_clip_norm, learning_rate, momentum, name, schedule, step_epochs, step_factor, '
+      'warmup_epochs, weight_decay); did you mean config.optimizer.learning_rate?')
 
 
 def test_parse_arg_types_and_errors():
