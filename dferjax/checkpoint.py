@@ -35,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
-from dferjax import cli
+from dferjax import cli, configlib
 
 _ITEMS = ('state', 'data', 'config')
 
@@ -338,21 +338,11 @@ RESUMABLE_FIELDS = ('num_epochs', 'log_every_steps', 'eval_every_epochs', 'check
 ADDED_FIELDS = {'validation.fraction': 0.0, 'validation.seed': 0}
 
 
-def flatten_config(config_json: dict, prefix: str = '') -> dict[str, Any]:
-  """{'optimizer.learning_rate': 0.01, ...}: every leaf of a JSON config under its dotted name."""
-  flat = {}
-  for key, value in config_json.items():
-    if isinstance(value, dict) and value:
-      flat.update(flatten_config(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
 def check_resumable(config_json: dict, saved_config: dict, directory: str):
   """Refuses to resume a workdir whose checkpoint was written with another config (another fold, model, recipe),
   except for the RESUMABLE_FIELDS; the error names every differing field."""
-  saved, current = {**ADDED_FIELDS, **flatten_config(saved_config)}, flatten_config(config_json)
+  saved, current = ({**ADDED_FIELDS, **configlib.flatten_config(saved_config)},
+                    configlib.flatten_config(config_json))
   missing = object()
   differing = [name for name in sorted({*saved, *current}) if name not in RESUMABLE_FIELDS
                and saved.get(name, missing) != current.get(name, missing)]

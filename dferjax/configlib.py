@@ -122,6 +122,17 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def flatten_config(config_json: dict, prefix: str = '') -> dict:
+  """{'optimizer.learning_rate': 0.01, ...}: every leaf of a JSON config under its dotted name."""
+  flat = {}
+  for key, value in config_json.items():
+    if isinstance(value, dict) and value:
+      flat.update(flatten_config(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
 # Blocks whose fields belong to what they name and are checked there: the model's Module fields, a loss's, a
 # sampler's, the clip transforms'; a dataset's own (an image list's files, the synthetic demo's recipe).
 OPEN_FIELDS = ('model', 'loss', 'input.sampler', 'input.transforms', 'dataset.image_lists', 'dataset.image_root',

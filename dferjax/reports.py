@@ -243,6 +243,32 @@ def add_protocols(workdir, best_metric: str = 'war', split: str = 'test') -> dic
   return results
 
 
+# Fields that may differ between the folds of one table: where the data and the workdir are, how a run logs,
+# evaluates, saves and reads (checkpoint.RESUMABLE_FIELDS but num_epochs), and the seed.
+_NOT_RECIPE = ('dataset.data_dir', 'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
+               'keep_checkpoints', 'progress_bar', 'eval_batch_size', 'input.num_threads', 'input.num_workers',
+               'input.prefetch', 'seed')
+
+
+def recipe_differences(workdirs: Sequence[str | os.PathLike]) -> list[str]:
+  """How each run's config differs from the first run's, the fold number aside ('fold3' in the dataset name or an
+  AEN guide's workdir): a fold trained with another recipe (an earlier attempt left in place) would be averaged
+  with the others without a word."""
+  from dferjax import configlib  # pylint: disable=import-outside-toplevel
+  recipes = []
+  for workdir in workdirs:
+    flat = configlib.flatten_config(json.loads((pathlib.Path(workdir) / 'config.json').read_text()))
+    recipes.append({name: re.sub(r'fold\d+', 'fold*', value) if isinstance(value, str) else value
+                    for name, value in flat.items() if name not in _NOT_RECIPE})
+  lines = []
+  for workdir, recipe in zip(workdirs[1:], recipes[1:]):
+    differing = [f'{name}={recipe.get(name)!r} (there: {recipes[0].get(name)!r})'
+                 for name in sorted({*recipe, *recipes[0]}) if recipe.get(name) != recipes[0].get(name)]
+    if differing:
+      lines.append(f'{workdir} differs from {workdirs[0]}: {", ".join(differing)}')
+  return lines
+
+
 def fold_report(workdirs: Sequence[str | os.PathLike], class_names: Sequence[str], *, select_by: str = 'war',
                 last: bool = False, fold_names: Sequence[str] | None = None) -> str:
   """Both protocols' fold tables, one under the other, each with the runs' seeds: the papers' (best test epoch,
@@ -258,7 +284,8 @@ def fold_report(workdirs: Sequence[str | os.PathLike], class_names: Sequence[str
 
   first = order(collect_fold_results(workdirs, 'last' if last else 'best', select_by, fold_names=fold_names))
   title = 'last epoch (no selection)' if last else f"{PROTOCOLS['papers']}, by {select_by.upper()}"
-  lines = [f'{title}:', table(first, with_holdout=False), '']
+  lines = [f'warning: the runs were not trained with one recipe; {line}' for line in recipe_differences(workdirs)]
+  lines += [f'{title}:', table(first, with_holdout=False), '']
   held = [str(w) for w in workdirs if run_seeds(w)['validation_fraction']]
   if len(held) == len(workdirs):
     second = order(collect_fold_results(workdirs, 'selected', select_by, fold_names=fold_names))

@@ -175,6 +175,7 @@ def test_run_folds_trains_folds_at_once_each_on_its_gpu(tmp_path, data_dir):  # 
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0 and 'UAR' in output and 'WAR' in output and 'mean' in output, output
     assert [name for name in ('fold1', 'fold2') if name in output] == list(shown), output
+    assert 'not trained with one recipe' not in output  # the fold apart, one config
 
 
 def test_ctrl_c_stops_within_seconds_naming_the_last_checkpoint(tmp_path, data_dir):  # noqa: F811

@@ -140,3 +140,24 @@ def test_fold_names_come_from_each_runs_config_not_its_position(tmp_path):
   with pytest.raises(ValueError, match='afew.*names no fold'):
     reports.fold_names_from_configs([*runs[:4], _fold_run(tmp_path / 'afew', 'afew/px112')])
   assert reports.fold_names_from_configs(runs[1:3], folds=(1, 2)) == ['fold1', 'fold2']
+
+
+def test_runs_trained_with_another_recipe_are_named_above_the_table(tmp_path):
+  """An earlier attempt left as fold 3 (another learning rate) would be averaged with the others silently."""
+  def run(name, fold, **changes):
+    config = {'seed': fold, 'dataset': {'name': f'dfew/fold{fold}_px112', 'data_dir': f'/data{fold}'},
+              'optimizer': {'learning_rate': 0.01, 'name': 'sgd'}, 'num_epochs': 100, 'log_every_steps': fold,
+              'init_from': {'guide': f'runs/aen_frame_dfew_fold{fold}'}}
+    for dotted, value in changes.items():
+      block, field = dotted.split('.')
+      config[block][field] = value
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'config.json').write_text(json.dumps(config))
+    return str(tmp_path / name)
+
+  same = [run(f'fold{fold}', fold) for fold in (1, 2)]  # seeds, data dirs, logging and fold numbers apart
+  assert reports.recipe_differences(same) == []
+  other = run('fold3', 3, **{'optimizer.learning_rate': 0.001})
+  assert reports.recipe_differences([*same, other]) == [
+      f"{other} differs from {same[0]}: optimizer.learning_rate=0.001 (there: 0.01)"]
+
