@@ -30,36 +30,25 @@ def fold_command(config: str, fold: int, workdir: str, overrides: list[str]) -> 
           *(override.replace('{fold}', str(fold)) for override in overrides)]
 
 
-def run_fold(command: list[str]) -> int:
-  """Runs one fold's trainer and returns its exit status. A SIGTERM to this script (Kubernetes signals only a
-  container's first process) is passed on, so the fold saves its step and stops (status 143) as it would alone;
-  Ctrl-C reaches the fold from the terminal by itself."""
-  process = subprocess.Popen(command)
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
-  try:
-    while True:
-      try:
-        return process.wait()
-      except KeyboardInterrupt:  # the fold got it too: wait for it to stop and say where
-        continue
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-
-
 def last_line(path: str) -> str:
   with open(path, errors='replace') as file:
     lines = [line.strip() for line in file.read().splitlines()[-20:] if line.strip()]
   return lines[-1] if lines else '(no output)'
 
 
-def run_in_parallel(folds: list[int], workdirs: list[str], commands: list[list[str]], gpus: list[str]) -> int:
-  """Each fold on one GPU of `gpus` (CUDA_VISIBLE_DEVICES), as many folds at once as `gpus` has entries: a GPU
-  listed k times runs k folds, each held to 0.9 / k of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set).
-  A fold's output goes to <workdir>/run_folds.log. A fold that fails leaves the others running; SIGTERM and Ctrl-C
-  reach the running folds (each saves or names its checkpoint) and start no more. Returns 0, or the status to
-  exit with."""
-  shares = collections.Counter(gpus)
-  free, pending, running, failed = list(gpus), list(zip(folds, workdirs, commands)), [], []
+def run_folds(folds: list[int], workdirs: list[str], commands: list[list[str]], gpus: list[str] | None) -> int:
+  """Trains the folds and returns 0, or the status to exit with.
+
+  gpus None: one fold after another, its output here, on every device. gpus ['0', '1', ...]: each fold on one GPU
+  (CUDA_VISIBLE_DEVICES), as many at once as `gpus` has entries; a GPU listed k times runs k folds, each held to
+  0.9 / k of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set); a fold's output goes to
+  <workdir>/run_folds.log. After a fold fails no other starts (the running ones finish). SIGTERM is passed on to
+  the running folds (Kubernetes signals only a container's first process), Ctrl-C reaches them from the terminal:
+  each saves or names its checkpoint, and no other starts.
+  """
+  slots = list(gpus) if gpus else [None]
+  shares = collections.Counter(slots)
+  pending, running, failed = list(zip(folds, workdirs, commands)), [], []
   stop = {'status': 0}
 
   def on_sigterm(signum, frame):
@@ -70,37 +59,47 @@ def run_in_parallel(folds: list[int], workdirs: list[str], commands: list[list[s
 
   previous = signal.signal(signal.SIGTERM, on_sigterm)
   try:
-    while pending or running:
-      while pending and free and not stop['status']:
-        (fold, workdir, command), gpu = pending.pop(0), free.pop(0)
-        os.makedirs(workdir, exist_ok=True)
-        log_path = os.path.join(workdir, 'run_folds.log')
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
-        if shares[gpu] > 1:
-          env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', f'{0.9 / shares[gpu]:.2f}')
-        with open(log_path, 'a') as log:  # a resumed fold's output follows its earlier one
-          running.append((fold, gpu, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT),
-                          log_path))
-        print(f'fold {fold}: started on GPU {gpu}, output in {log_path}', flush=True)
+    while running or (pending and not stop['status'] and not failed):
+      while pending and slots and not stop['status'] and not failed:
+        (fold, workdir, command), gpu = pending.pop(0), slots.pop(0)
+        env, log_path, output = None, None, None
+        if gpu is not None:
+          os.makedirs(workdir, exist_ok=True)
+          log_path = os.path.join(workdir, 'run_folds.log')
+          env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
+          if shares[gpu] > 1:
+            env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', f'{0.9 / shares[gpu]:.2f}')
+          output = open(log_path, 'a')  # pylint: disable=consider-using-with  # a resumed fold's output follows
+        print(f'fold {fold}: started' + (f' on GPU {gpu}, output in {log_path}' if gpu is not None else '') + ': '
+              + ' '.join(command), flush=True)
+        try:
+          process = subprocess.Popen(command, env=env, stdout=output,
+                                     stderr=None if output is None else subprocess.STDOUT)
+        finally:
+          if output is not None:
+            output.close()
+        running.append((fold, gpu, process, log_path))
+        if stop['status']:  # a SIGTERM while it started
+          process.send_signal(signal.SIGTERM)
       try:
         time.sleep(0.5)
-      except KeyboardInterrupt:  # the folds got it too, from the terminal: wait for them to stop
+      except KeyboardInterrupt:
         stop['status'] = stop['status'] or 130
       for entry in [entry for entry in running if entry[2].poll() is not None]:
         fold, gpu, process, log_path = entry
         running.remove(entry)
-        free.append(gpu)
-        print(f'fold {fold}: {"done" if process.returncode == 0 else f"stopped (exit status {process.returncode})"}'
-              f': {last_line(log_path)}', flush=True)
+        slots.append(gpu)
+        ending = 'done' if process.returncode == 0 else f'stopped (exit status {process.returncode})'
+        print(f'fold {fold}: {ending}' + (f': {last_line(log_path)}' if log_path else ''), flush=True)
         if process.returncode != 0:
           failed.append((fold, process.returncode))
   finally:
     signal.signal(signal.SIGTERM, previous)
-  not_started = [fold for fold, _, _ in pending]
-  if failed or not_started:
-    sys.stderr.write(f'run_folds: fold(s) {", ".join(str(fold) for fold, _ in failed) or "none"} stopped'
-                     f'{f", fold(s) {not_started} not started" if not_started else ""}. Run the same command to resume '
-                     'them (finished folds are only collected).\n')
+  if failed or pending:
+    stopped = ', '.join(str(fold) for fold, _ in failed) or 'none'
+    not_started = f', fold(s) {", ".join(str(fold) for fold, _, _ in pending)} not started' if pending else ''
+    sys.stderr.write(f'run_folds: fold(s) {stopped} stopped{not_started}. Run the same command to resume (finished '
+                     'folds are only collected).\n')
   return stop['status'] or (failed[0][1] if failed else 0)
 
 
@@ -118,18 +117,11 @@ def main():
   args = parser.parse_args()
   folds = [int(k) for k in args.folds.split(',')]
   workdirs = [f'{args.workdir}_fold{k}' for k in folds]
-  if not args.collect_only and args.gpus:
+  if not args.collect_only:
     commands = [fold_command(args.config, fold, workdir, args.overrides) for fold, workdir in zip(folds, workdirs)]
-    if status := run_in_parallel(folds, workdirs, commands, [gpu.strip() for gpu in args.gpus.split(',')]):
+    gpus = [gpu.strip() for gpu in args.gpus.split(',')] if args.gpus else None
+    if status := run_folds(folds, workdirs, commands, gpus):
       sys.exit(status)
-  elif not args.collect_only:
-    for fold, workdir in zip(folds, workdirs):
-      command = fold_command(args.config, fold, workdir, args.overrides)
-      print('+', ' '.join(command), flush=True)
-      if (status := run_fold(command)) != 0:  # the fold said why (one line); the same command resumes it
-        sys.stderr.write(f'run_folds: fold {fold} stopped (exit status {status}); folds after it not started. Run the '
-                         'same command to resume it and go on (finished folds are only collected).\n')
-        sys.exit(status)
   from dferjax import reports  # pylint: disable=import-outside-toplevel
   from tfds_builders.labels import CLASS_NAMES  # pylint: disable=import-outside-toplevel
   print(reports.fold_report(workdirs, CLASS_NAMES, select_by=args.select_by,
