@@ -326,12 +326,6 @@ def check_starting_point(config):
         '--config.init_from.backbone=none to train from random weights')
 
 
-# What a resumed run may change: how long it trains and how it logs, evaluates, saves and reads its data. Any
-# other field (the dataset and fold, the model, the loss, the optimizer, the input recipe, the seed) would mix two
-# experiments in one workdir.
-RESUMABLE_FIELDS = ('num_epochs', 'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
-                    'keep_checkpoints', 'progress_bar', 'eval_batch_size', 'dataset.data_dir', 'input.num_threads',
-                    'input.num_workers', 'input.prefetch')
 
 
 # Fields added after runs were saved, at the value that behaves as those runs did: such a run still resumes.
@@ -340,11 +334,11 @@ ADDED_FIELDS = {'validation.fraction': 0.0, 'validation.seed': 0}
 
 def check_resumable(config_json: dict, saved_config: dict, directory: str):
   """Refuses to resume a workdir whose checkpoint was written with another config (another fold, model, recipe),
-  except for the RESUMABLE_FIELDS; the error names every differing field."""
+  except for configlib.RESUMABLE_FIELDS; the error names every differing field."""
   saved, current = ({**ADDED_FIELDS, **configlib.flatten_config(saved_config)},
                     configlib.flatten_config(config_json))
   missing = object()
-  differing = [name for name in sorted({*saved, *current}) if name not in RESUMABLE_FIELDS
+  differing = [name for name in sorted({*saved, *current}) if name not in configlib.RESUMABLE_FIELDS
                and saved.get(name, missing) != current.get(name, missing)]
   if differing:
     shown = lambda value: 'absent' if value is missing else repr(value)
@@ -352,7 +346,7 @@ def check_resumable(config_json: dict, saved_config: dict, directory: str):
              for name in differing]
     raise ValueError(f'{directory} holds a checkpoint of another config; this run differs in\n  '
                      + '\n  '.join(lines) + '\nUse another --workdir, or the saved config to resume (a resumed run '
-                     f'may change only {", ".join(RESUMABLE_FIELDS)}).')
+                     f'may change only {", ".join(configlib.RESUMABLE_FIELDS)}).')
 
 
 def initial_state(config, state, model, state_sharding):

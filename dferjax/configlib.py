@@ -122,6 +122,14 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+# What a resumed run may change: how long it trains and how it logs, evaluates, saves and reads its data. Any
+# other field (the dataset and fold, the model, the loss, the optimizer, the input recipe, the seed) would mix two
+# experiments in one workdir (checkpoint.check_resumable).
+RESUMABLE_FIELDS = ('num_epochs', 'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
+                    'keep_checkpoints', 'progress_bar', 'eval_batch_size', 'dataset.data_dir', 'input.num_threads',
+                    'input.num_workers', 'input.prefetch')
+
+
 def flatten_config(config_json: dict, prefix: str = '') -> dict:
   """{'optimizer.learning_rate': 0.01, ...}: every leaf of a JSON config under its dotted name."""
   flat = {}

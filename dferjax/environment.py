@@ -20,10 +20,11 @@ import warnings
 
 import jax
 
+from dferjax.data import datasets
+
 FILENAME = 'environment.json'
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'tensorflow-datasets', 'numpy',
             'ml-collections', 'opencv-python-headless', 'dferjax')
-BUILD_RECORD = 'dferjax_build.json'  # dferjax.data.build.BUILD_RECORD, without importing tfds' builders here
 
 
 class DatasetChangedWarning(UserWarning):
@@ -77,7 +78,7 @@ def files_fingerprint(path: pathlib.Path) -> str:
 
 def dataset_state(config) -> dict:
   """The dataset `config` reads: name, where, records per split, its build record and built files' fingerprint."""
-  from dferjax.data import datasets, image_list, inputs  # pylint: disable=import-outside-toplevel
+  from dferjax.data import image_list, inputs  # pylint: disable=import-outside-toplevel
   name = config.dataset.name
   if name == image_list.NAME:
     return {'name': name, 'note': 'an image list, read as it is: not fingerprinted'}
@@ -85,7 +86,7 @@ def dataset_state(config) -> dict:
   path = pathlib.Path(builder.data_path)
   if not path.is_dir():
     return {'name': name, 'data_path': str(path), 'missing': True}
-  build_path = path / BUILD_RECORD
+  build_path = path / datasets.BUILD_RECORD
   return {'name': name, 'data_path': str(path),
           'records': {split: info.num_examples for split, info in sorted(builder.info.splits.items())},
           'build': json.loads(build_path.read_text()) if build_path.is_file() else None,
@@ -125,7 +126,8 @@ def dataset_differences(trained: dict, current: dict) -> list[str]:
     differences.append(f'records per split: trained on {trained.get("records")}, now {current.get("records")}')
   trained_build, current_build = trained.get('build') or {}, current.get('build') or {}
   if trained_build.get('fingerprint') != current_build.get('fingerprint'):
-    differences.append(f'build fingerprint ({BUILD_RECORD}): trained on {trained_build.get("fingerprint")!r}, '
+    differences.append(f'build fingerprint ({datasets.BUILD_RECORD}): trained on '
+                       f'{trained_build.get("fingerprint")!r}, '
                        f'now {current_build.get("fingerprint")!r}')
   if trained.get('files_fingerprint') != current.get('files_fingerprint'):
     differences.append(f'built files: trained on {trained.get("files_fingerprint")!r}, '

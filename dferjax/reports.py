@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from dferjax import writers
+from dferjax import configlib, writers
 
 
 def _check_rows(results: Mapping[str, Mapping], class_names: Sequence[str]) -> None:
@@ -243,18 +243,15 @@ def add_protocols(workdir, best_metric: str = 'war', split: str = 'test') -> dic
   return results
 
 
-# Fields that may differ between the folds of one table: where the data and the workdir are, how a run logs,
-# evaluates, saves and reads (checkpoint.RESUMABLE_FIELDS but num_epochs), and the seed.
-_NOT_RECIPE = ('dataset.data_dir', 'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
-               'keep_checkpoints', 'progress_bar', 'eval_batch_size', 'input.num_threads', 'input.num_workers',
-               'input.prefetch', 'seed')
+# Fields that may differ between the folds of one table: the seed, and what a resumed run may change but how long
+# it trains (where the data is, how a run logs, evaluates, saves and reads).
+_NOT_RECIPE = ('seed', *(name for name in configlib.RESUMABLE_FIELDS if name != 'num_epochs'))
 
 
 def recipe_differences(workdirs: Sequence[str | os.PathLike]) -> list[str]:
   """How each run's config differs from the first run's, the fold number aside ('fold3' in the dataset name or an
   AEN guide's workdir): a fold trained with another recipe (an earlier attempt left in place) would be averaged
   with the others without a word."""
-  from dferjax import configlib  # pylint: disable=import-outside-toplevel
   recipes = []
   for workdir in workdirs:
     flat = configlib.flatten_config(json.loads((pathlib.Path(workdir) / 'config.json').read_text()))

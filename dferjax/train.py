@@ -337,8 +337,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 # Two JAX processes on one GPU (two folds started by hand) each take 75 % of its memory at start.
-_SHARED_GPU_HINT = {'gpu': ' If another process uses this GPU (nvidia-smi), give each run its own (CUDA_VISIBLE_DEVICES; '
-                           'scripts/run_folds.py --gpus) or a share of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION).'}
+_SHARED_GPU_HINT = (' If another process uses this GPU (nvidia-smi), give each run its own (CUDA_VISIBLE_DEVICES; '
+                    'scripts/run_folds.py --gpus) or a share of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION).')
 
 
 class DeviceOutOfMemoryError(MemoryError):
@@ -362,8 +362,8 @@ def device_memory_errors(config: ml_collections.ConfigDict):
         f'config.eval_batch_size={config.eval_batch_size} ({eval_batch} clips per device), '
         f'{config.input.image_size} px, dtype {config.dtype}. Lower the batch size (scripts/bench_train.py '
         '--max_batch finds the largest train batch that fits), train in bfloat16, or recompute activations where '
-        'the model offers it (CEFLNet: config.model.remat_backbone=True).' + _SHARED_GPU_HINT.get(jax.default_backend(),
-                                                                                                    '')) from error
+        'the model offers it (CEFLNet: config.model.remat_backbone=True).'
+        + (_SHARED_GPU_HINT if jax.default_backend() == 'gpu' else '')) from error
 
 
 LOCK_FILENAME = 'run.lock'

@@ -225,9 +225,9 @@ def test_a_cut_copy_of_a_built_dataset_is_named_before_any_read(small_dfew, tmp_
   with pytest.raises(ValueError, match='is not as built'):  # building there again does not take it as built
     build_lib.build('dfew', small_dfew, tmp_path / 'copy', ['fold1'], image_size=SIZE, workers=1, show_progress=False)
 
-  record = json.loads((data_path / build_lib.BUILD_RECORD).read_text())
+  record = json.loads((data_path / datasets.BUILD_RECORD).read_text())
   del record['files']  # as a build before the sizes were recorded
-  (data_path / build_lib.BUILD_RECORD).write_text(json.dumps(record))
+  (data_path / datasets.BUILD_RECORD).write_text(json.dumps(record))
   source = datasets.data_source(name, 'train', tmp_path / 'copy')
   with pytest.raises(RuntimeError) as error:
     for index in range(len(source)):

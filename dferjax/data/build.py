@@ -25,7 +25,6 @@ import time
 import tqdm
 
 from dferjax.data import datasets
-from dferjax.data.datasets import builder_class
 from tfds_builders.labels import CLASS_NAMES
 
 
@@ -45,7 +44,7 @@ class ConfigReport:
 def resolve_configs(dataset: str, configs=None, image_size: int | None = None) -> list[str]:
   """Canonical config names: all predefined ones by default; `image_size` sets the size of every config
   (DFEW: fold1..fold5 at that size when `configs` is None)."""
-  cls = builder_class(dataset)
+  cls = datasets.builder_class(dataset)
   if configs is None:
     if image_size is None:
       return [config.name for config in cls.BUILDER_CONFIGS]
@@ -70,11 +69,10 @@ def check_manual_dir(dataset: str, manual_dir) -> pathlib.Path:
   manual_dir = pathlib.Path(manual_dir).expanduser()
   if not manual_dir.is_dir() or not any(manual_dir.iterdir()):
     raise FileNotFoundError(f'{dataset} manual_dir {manual_dir} does not exist or is empty.\n'
-                            f'{builder_class(dataset).MANUAL_DOWNLOAD_INSTRUCTIONS}')
+                            f'{datasets.builder_class(dataset).MANUAL_DOWNLOAD_INSTRUCTIONS}')
   return manual_dir
 
 
-BUILD_RECORD = datasets.BUILD_RECORD
 # A split that loses more than this share of its listed clips (missing or empty folders) is announced loudly.
 SKIPPED_WARNING_FRACTION = 0.03
 
@@ -95,7 +93,7 @@ def build_record(scan, config) -> dict:
 
 def write_build_record(builder, record: dict) -> None:
   """The record, with the sizes of the files just written (`datasets.check_files` compares them at every read)."""
-  with open(builder.data_path / BUILD_RECORD, 'w') as f:
+  with open(builder.data_path / datasets.BUILD_RECORD, 'w') as f:
     json.dump({**record, 'files': datasets.data_files(builder.data_path)}, f, indent=2)
 
 
@@ -106,7 +104,7 @@ def check_unchanged(builder, record: dict, name: str, manual_dir) -> None:
   differences = [f'{split}: {stored.get(split, 0)} records stored, {record["records"].get(split, 0)} clips in '
                  'the manual dir' for split in sorted({*stored, *record['records']})
                  if stored.get(split, 0) != record['records'].get(split, 0)]
-  path = builder.data_path / BUILD_RECORD
+  path = builder.data_path / datasets.BUILD_RECORD
   if path.is_file():
     recorded = json.loads(path.read_text())
     what = {'fingerprint': 'fingerprint of the split lists (clip ids, labels, frame counts, skipped clips)',
@@ -161,7 +159,7 @@ def _build_one(dataset: str, name: str, manual_dir: str, data_dir: str, threads:
   if progress is None and _progress_queue is not None:
     progress = lambda num_frames: _progress_queue.put(1)
   start = time.perf_counter()
-  builder = builder_class(dataset)(config=name, data_dir=data_dir, threads=threads, progress=progress)
+  builder = datasets.builder_class(dataset)(config=name, data_dir=data_dir, threads=threads, progress=progress)
   modes = tfds.download.GenerateMode
   mode = modes.FORCE_REDOWNLOAD if overwrite else modes.REUSE_DATASET_IF_EXISTS
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode))
@@ -180,7 +178,7 @@ def build(dataset: str, manual_dir, data_dir, configs=None, *, image_size: int |
   manual dir holds now (else ValueError naming the difference). Raises the first failure (with the config named).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  cls = builder_class(dataset)
+  cls = datasets.builder_class(dataset)
   names = resolve_configs(dataset, configs, image_size)
   manual_dir = check_manual_dir(dataset, manual_dir)
   data_dir = pathlib.Path(data_dir).expanduser()
