@@ -4,9 +4,13 @@ per-clip outputs (`clip_outputs`: CEFLNet's salient snippet) gets them written t
 
     python -m dferjax.evaluate --workdir runs/stt_dfew_fold1 [--step best|selected|latest|N]
     python -m dferjax.evaluate --folds runs/stt_dfew_fold1,runs/stt_dfew_fold2,... [--select_by war]
+    python -m dferjax.evaluate --workdir runs/stt_dfew_fold1 --dataset afew/px112     # across datasets
+    python -m dferjax.evaluate --folds runs/stt_dfew_fold1,... --dataset ferv39k/px112  # each fold's, and the mean
 
 The fold tables show both protocols: the best test epoch (the papers') and, for runs with a validation hold-out
-(config.validation), the test evaluation of the checkpoint selected on it. Re-evaluating warns
+(config.validation), the test evaluation of the checkpoint selected on it. `--dataset` evaluates a run's checkpoint on
+another built dataset (every builder labels the same seven classes in one order), on its reported split unless
+`--split` names one; with `--folds`, each fold's checkpoint is evaluated and the mean over folds follows. Re-evaluating warns
 (environment.DatasetChangedWarning) when the dataset read now is not the build the run trained on.
 
 Expected errors print one `error: ...` message and exit 1 (--verbose: the traceback).
@@ -29,6 +33,8 @@ _STEP = flags.DEFINE_string('step', 'best', "'best' (on test), 'selected' (on th
                              'or a step number.')
 _SPLIT = flags.DEFINE_string('split', None, 'Split to evaluate (default: the config eval_split).')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Override config.dataset.data_dir.')
+_DATASET = flags.DEFINE_string('dataset', None, "Evaluate on another built dataset than the run's, e.g. 'afew/px112' "
+                               "or 'ferv39k/px112' (default split: the dataset's reported one, --split to change).")
 _FOLDS = flags.DEFINE_list('folds', None, 'Workdirs of the 5 DFEW folds, to collect into one table (each run\'s fold is '
                            'read from its config; duplicated or missing folds fail).')
 _SELECT_BY = flags.DEFINE_enum('select_by', 'war', ['war', 'uar'],
@@ -46,8 +52,11 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = None, data_dir: str | None = None) -> dict:
-  """Restores one checkpoint of `workdir` (`choose_step`) and evaluates it on a split; returns the metrics."""
+def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = None, data_dir: str | None = None,
+                        dataset: str | None = None, compiled: dict | None = None) -> dict:
+  """Restores one checkpoint of `workdir` (`choose_step`) and evaluates it on a split of the run's dataset, or of
+  `dataset` (another built one); returns the metrics. Runs whose configs are equal share the jitted steps kept in
+  `compiled` (one compilation for five folds evaluated on one dataset)."""
   from dferjax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from dferjax import clip_report, train  # pylint: disable=import-outside-toplevel
   from dferjax.data import inputs  # pylint: disable=import-outside-toplevel
@@ -55,23 +64,58 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
   config = load_run_config(workdir)
   if data_dir:
     config.dataset.data_dir = data_dir
-  environment.warn_if_dataset_changed(workdir, config)
+  other_dataset = bool(dataset) and dataset != config.dataset.name
+  if other_dataset:
+    reported_split = retarget(config, dataset)
+    split = split or reported_split
+  else:
+    environment.warn_if_dataset_changed(workdir, config)
   checkpoints = checkpoint_lib.Checkpoints(workdir, best_metric=config.best_metric, read_only=True)
   try:
     chosen = choose_step(checkpoints, step, config, workdir)
-    steps = train.make_steps(config, steps_per_epoch=None)  # evaluation only: no optimizer
+    compiled = {} if compiled is None else compiled
+    if (key := config.to_json(sort_keys=True)) not in compiled:
+      compiled[key] = train.make_steps(config, steps_per_epoch=None)  # evaluation only: no optimizer
+    steps = compiled[key]
     state = checkpoint_lib.restore_for_evaluation(checkpoints, chosen, steps.abstract_state)
   finally:
     checkpoints.close()
   split = split or config.dataset.eval_split
-  name = re.sub(r'[^\w-]', '_', split)  # a TFDS slice such as 'test[:50%]' in a file name
+  name = re.sub(r'[^\w-]', '_', f'{dataset}_{split}' if other_dataset else split)  # 'test[:50%]' in a file name
   with train.device_memory_errors(config), \
        contextlib.closing(inputs.eval_reader(config, inputs.split_source(config, split))) as reader:
     result = train.evaluate(steps, state, config, reader)
     result['step'] = chosen
+    if other_dataset:
+      result.update(dataset=dataset, split=split)
     result.update(clip_report.report(steps, state, config, reader,
                                      os.path.join(workdir, f'clips_{name}_step{chosen}')))
   return result
+
+
+def evaluate_folds(workdirs, dataset: str, step: str = 'best', split: str | None = None,
+                   data_dir: str | None = None) -> str:
+  """Each DFEW fold run's checkpoint evaluated on another dataset: the table with the mean and std over folds."""
+  from dferjax import reports  # pylint: disable=import-outside-toplevel
+  from tfds_builders.labels import CLASS_NAMES  # pylint: disable=import-outside-toplevel
+  names = reports.fold_names_from_configs(workdirs)  # from each run's config, not its position
+  results, compiled = {}, {}
+  for name, workdir in sorted(zip(names, workdirs)):
+    results[name] = evaluate_checkpoint(workdir, step, split, data_dir, dataset, compiled)
+    print(f'{name}: {workdir} step {results[name]["step"]}', flush=True)
+  return (f'{len(results)} folds, --step {step}{on_what(results[name])}:\n'
+          + reports.format_results_table(results, CLASS_NAMES))
+
+
+def retarget(config: ml_collections.ConfigDict, dataset: str) -> str:
+  """Points a run's config at another built dataset; returns that dataset's reported split. The run's input recipe
+  (sampler, frame size, min_frames) stays: the model sees the clips as it was evaluated in training."""
+  from dferjax.data import datasets  # pylint: disable=import-outside-toplevel
+  builder_name, _ = datasets.split_name(dataset)  # fails naming the known datasets
+  config.dataset.name = dataset
+  if 'synthetic' in config.dataset:  # the demo's own data; the named dataset is read from config.dataset.data_dir
+    del config.dataset['synthetic']
+  return datasets.REPORTED_SPLITS[builder_name]
 
 
 def choose_step(checkpoints, step: str, config: ml_collections.ConfigDict, workdir: str) -> int:
@@ -133,16 +177,22 @@ def run_command():
   if bool(_WORKDIR.value) == bool(_FOLDS.value):
     raise app.UsageError('give exactly one of --workdir and --folds')
   if _WORKDIR.value:
-    result = evaluate_checkpoint(_WORKDIR.value, _STEP.value, _SPLIT.value, _DATA_DIR.value)
-    print(f'{_WORKDIR.value} step {result["step"]}:')
+    result = evaluate_checkpoint(_WORKDIR.value, _STEP.value, _SPLIT.value, _DATA_DIR.value, _DATASET.value)
+    print(f'{_WORKDIR.value} step {result["step"]}{on_what(result)}:')
     print(reports.format_results_table({os.path.basename(_WORKDIR.value.rstrip('/')): result}, CLASS_NAMES,
                                        with_mean=False))
     if 'clip_report' in result:
       print(f'per-clip outputs: {result["clip_report"]}\n{result["clip_summary"]}')
+  elif _DATASET.value:
+    print(evaluate_folds(_FOLDS.value, _DATASET.value, _STEP.value, _SPLIT.value, _DATA_DIR.value))
   else:
     names = reports.fold_names_from_configs(_FOLDS.value)  # from each run's config, not its position
     print(reports.fold_report(_FOLDS.value, CLASS_NAMES, select_by=_SELECT_BY.value, last=_LAST.value,
                               fold_names=names))
+
+
+def on_what(result: dict) -> str:
+  return f' on {result["dataset"]} {result["split"]}' if 'dataset' in result else ''
 
 
 if __name__ == '__main__':

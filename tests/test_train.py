@@ -171,6 +171,34 @@ def test_evaluate_cli_reproduces_the_final_evaluation(tmp_path, data_dir):
   assert f'{100 * result["war"]:.2f} |' in output.stdout, output.stdout
   assert not re.search(r'^([IWE]\d{4} |WARNING:)', output.stdout + output.stderr, re.MULTILINE), output.stderr
 
+  # Across datasets: the checkpoint on AFEW's validation split (its reported one), built from synthetic AFEW files
+  # whose class folders (Angry, ..., Surprise) map to the same seven labels; each fold copy of the run the same.
+  from dferjax.data import build, synthetic
+  afew_root, afew_data = tmp_path.parent / f'{tmp_path.name}_afew', tmp_path.parent / f'{tmp_path.name}_afew_tfds'
+  synthetic.write_afew(str(afew_root), clips_per_class=1, seed=5, val_clips_per_class=2)
+  build.build('afew', manual_dir=str(afew_root), data_dir=str(afew_data), configs=['px32'], show_progress=False)
+  across = evaluate.evaluate_checkpoint(str(tmp_path), 'latest', data_dir=str(afew_data), dataset='afew/px32')
+  assert (across['dataset'], across['split'], across['step']) == ('afew/px32', 'validation', again['step'])
+  confusion = np.array(across['confusion'])  # rows: the true classes, 2 clips each
+  assert confusion.shape == (7, 7) and (confusion.sum(axis=1) == 2).all()
+  assert across['war'] == across['uar'] == pytest.approx(np.trace(confusion) / 14)
+  folds = []
+  for fold in range(1, 6):
+    shutil.copytree(tmp_path, folds_dir := tmp_path.parent / f'{tmp_path.name}_fold{fold}')
+    run_config = json.loads((folds_dir / 'config.json').read_text())
+    run_config['dataset']['name'] = f'dfew/fold{fold}_px32'
+    (folds_dir / 'config.json').write_text(json.dumps(run_config))
+    folds.append(str(folds_dir))
+  table = evaluate.evaluate_folds(folds[::-1], 'afew/px32', 'latest', data_dir=str(afew_data))
+  assert table.startswith('5 folds, --step latest on afew/px32 validation:'), table
+  for row in ('fold1', 'fold5', 'mean'):
+    assert re.search(rf'^\| {row} .*\| +{100 * across["uar"]:.2f} \| +{100 * across["war"]:.2f} \|$', table, re.M), table
+  assert re.search(r'^\| std .*\| +0\.00 \| +0\.00 \|$', table, re.M), table
+  with pytest.raises(FileNotFoundError, match=r'(?s)ferv39k/px32 is not built.*--dataset ferv39k'):
+    evaluate.evaluate_checkpoint(str(tmp_path), 'latest', data_dir=str(afew_data), dataset='ferv39k/px32')
+  with pytest.raises(ValueError, match=r"dataset name 'rafdb/px32'"):
+    evaluate.evaluate_checkpoint(str(tmp_path), 'latest', dataset='rafdb/px32')
+
 
 def test_one_and_two_devices_give_the_same_parameters():
   from train_helpers import run_random_steps

@@ -12,6 +12,7 @@ import numpy as np
 from tfds_builders.labels import CLASS_NAMES  # noqa: F401  # re-exported: label order 0..6 of every builder
 
 DATASETS = ('dfew', 'afew', 'ferv39k')
+REPORTED_SPLITS = {'dfew': 'test', 'afew': 'validation', 'ferv39k': 'test'}  # the split each paper's table reports
 
 
 def builder_class(dataset: str):
