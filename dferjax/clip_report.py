@@ -1,14 +1,16 @@
-"""Per-clip outputs that a model declares, written by `dferjax.evaluate` for every clip of a split: CEFLNet's
-salient snippet (its Fig. 3) and the frames that snippet holds, so a user can look at what the model chose.
+"""One row per clip of an evaluated split, written by `dferjax.evaluate` for every model: the clip, its label, the
+prediction and the class probabilities (softmax of the logits, in `CLASS_NAMES` order), for error analysis, per-clip
+comparisons of two models (e.g. McNemar's test) or ensembles; plus the per-clip outputs a model declares, such as
+CEFLNet's salient snippet (its Fig. 3) and the frames that snippet holds, so a user can look at what it chose.
 
-A model names aux outputs in its `clip_outputs` ClassVar, {aux name: kind}:
+A model names such aux outputs in its `clip_outputs` ClassVar, {aux name: kind}:
 - 'value': written as it is (a number or a list);
 - 'snippet': an index into the sampler's snippets, written with the frames of that snippet of the clip as
   `<name>_frames` (0-based indices into the clip's frames, in time order: frame i is DFEW's file i + 1).
 One JSON line per clip, in the split's order:
 
-    {"clip_id": "00042", "label": 3, "prediction": 3, "salient_snippet": 4, "salient_snippet_frames": [50, 57],
-     "snippet_attention": [0.11, ...]}
+    {"clip_id": "00042", "label": 3, "prediction": 3, "probabilities": [0.01, 0.02, 0.05, 0.83, ...],
+     "salient_snippet": 4, "salient_snippet_frames": [50, 57], "snippet_attention": [0.11, ...]}
 """
 from __future__ import annotations
 
@@ -36,13 +38,15 @@ def declared(model) -> dict[str, str]:
 
 
 def predict_step(state, batch: dict, *, model, names: tuple[str, ...], dtype) -> dict:
-  """One eval batch -> the predicted class, the label, the mask and the named aux outputs, per row."""
+  """One eval batch -> the predicted class, the class probabilities, the label, the mask and the named aux outputs,
+  per row."""
   video = batch['video'].astype(dtype) / 255
   logits, aux = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, video,
                             **train.model_inputs(model, batch), train=False)
   if missing := [name for name in names if name not in aux]:
     raise ValueError(f'{type(model).__name__}.clip_outputs names {missing}, not in its aux outputs {sorted(aux)}')
-  return {'prediction': logits.argmax(-1), 'label': batch['label'], 'mask': batch['mask'],
+  return {'prediction': logits.argmax(-1), 'probabilities': jax.nn.softmax(logits.astype(jnp.float32)),
+          'label': batch['label'], 'mask': batch['mask'],
           **{name: aux[name] for name in names}}
 
 
@@ -58,16 +62,20 @@ def snippet_frames(config: ml_collections.ConfigDict):
   return lambda num_frames: sampler(num_frames, None).reshape(sampler.num_snippets, -1)
 
 
-def collect(steps: train.Steps, state, config: ml_collections.ConfigDict, reader: pipeline.EvalReader) -> list[dict]:
-  """One row per clip of the reader's split (a pass of inputs.eval_reader, test sampling); [] if the model
-  declares none."""
+def make_predict(steps: train.Steps, config: ml_collections.ConfigDict):
+  """The jitted `predict_step` for the model's declared outputs: (state, global batch) -> per-row outputs."""
+  return jax.jit(functools.partial(predict_step, model=steps.model, names=tuple(declared(steps.model)),
+                                   dtype=jnp.dtype(config.dtype)),
+                 in_shardings=(steps.state_sharding, steps.batch_sharding), out_shardings=steps.replicated)
+
+
+def collect(steps: train.Steps, state, config: ml_collections.ConfigDict, reader: pipeline.EvalReader,
+            predict=None) -> list[dict]:
+  """One row per clip of the reader's split (a pass of inputs.eval_reader, test sampling). `predict`: a
+  `make_predict` of these steps, to compile it once for several checkpoints."""
   outputs = declared(steps.model)
-  if not outputs:
-    return []
   frames_of = snippet_frames(config) if 'snippet' in outputs.values() else None
-  predict = jax.jit(functools.partial(predict_step, model=steps.model, names=tuple(outputs),
-                                      dtype=jnp.dtype(config.dtype)),
-                    in_shardings=(steps.state_sharding, steps.batch_sharding), out_shardings=steps.replicated)
+  predict = predict or make_predict(steps, config)
   local_batch_size = reader.batch_size
   rows = []
   for index, batch in enumerate(reader):
@@ -84,7 +92,8 @@ def collect(steps: train.Steps, state, config: ml_collections.ConfigDict, reader
 def clip_row(record: dict, values: dict, outputs: dict[str, str], frames_of) -> dict:
   clip_id = record['clip_id']
   row = {'clip_id': clip_id.decode() if isinstance(clip_id, bytes) else str(clip_id),
-         'label': int(values['label']), 'prediction': int(values['prediction'])}
+         'label': int(values['label']), 'prediction': int(values['prediction']),
+         'probabilities': np.round(values['probabilities'].astype(np.float64), 6).tolist()}
   if row['label'] != int(record['label']):
     raise RuntimeError(f'clip {row["clip_id"]}: the batch row holds label {row["label"]}, the record '
                        f'{int(record["label"])}: eval rows and records are out of step')
@@ -96,11 +105,11 @@ def clip_row(record: dict, values: dict, outputs: dict[str, str], frames_of) -> 
 
 
 def report(steps: train.Steps, state, config: ml_collections.ConfigDict, reader: pipeline.EvalReader,
-           path_stem: str) -> dict:
-  """Writes the rows to `<path_stem>.jsonl` (process 0): {'clip_report': path, 'clip_summary': text}, or {} for a
-  model that declares no clip outputs."""
-  rows = collect(steps, state, config, reader)
-  if not rows or jax.process_index() != 0:
+           path_stem: str, predict=None) -> dict:
+  """Writes the rows to `<path_stem>.jsonl` (process 0): {'clip_report': path, 'clip_summary': text} there, {} on
+  the other processes."""
+  rows = collect(steps, state, config, reader, predict)
+  if jax.process_index() != 0:
     return {}
   path = path_stem + '.jsonl'
   with open(path, 'w') as f:
@@ -109,8 +118,9 @@ def report(steps: train.Steps, state, config: ml_collections.ConfigDict, reader:
 
 
 def summary(rows: list[dict], outputs: dict[str, str]) -> str:
-  """How often each snippet was chosen, per 'snippet' output: a one-line check that the choice varies."""
-  lines = []
+  """How many clips are right, and how often each snippet was chosen per 'snippet' output (a check that the choice
+  varies)."""
+  lines = [f'{sum(row["prediction"] == row["label"] for row in rows)} of {len(rows)} clips predicted right']
   for name in (name for name, kind in outputs.items() if kind == 'snippet'):
     counts = collections.Counter(row[name] for row in rows)
     lines.append(f'{name} over {len(rows)} clips: ' + ', '.join(f'{k}: {counts[k]}' for k in sorted(counts)))

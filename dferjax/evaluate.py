@@ -1,6 +1,6 @@
-"""Re-evaluates a run's checkpoint, or collects DFEW's five folds into the papers' table. A model that declares
-per-clip outputs (`clip_outputs`: CEFLNet's salient snippet) gets them written to
-<workdir>/clips_<split>_step<N>.jsonl (dferjax/clip_report.py).
+"""Re-evaluates a run's checkpoint, or collects DFEW's five folds into the papers' table. Each evaluated clip's
+label, prediction and class probabilities (and the per-clip outputs a model declares, such as CEFLNet's salient
+snippet) go to <workdir>/clips_<split>_step<N>.jsonl (dferjax/clip_report.py).
 
     python -m dferjax.evaluate --workdir runs/stt_dfew_fold1 [--step best|selected|latest|N]
     python -m dferjax.evaluate --folds runs/stt_dfew_fold1,runs/stt_dfew_fold2,... [--select_by war]
@@ -75,8 +75,9 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
     chosen = choose_step(checkpoints, step, config, workdir)
     compiled = {} if compiled is None else compiled
     if (key := config.to_json(sort_keys=True)) not in compiled:
-      compiled[key] = train.make_steps(config, steps_per_epoch=None)  # evaluation only: no optimizer
-    steps = compiled[key]
+      steps = train.make_steps(config, steps_per_epoch=None)  # evaluation only: no optimizer
+      compiled[key] = steps, clip_report.make_predict(steps, config)
+    steps, predict = compiled[key]
     state = checkpoint_lib.restore_for_evaluation(checkpoints, chosen, steps.abstract_state)
   finally:
     checkpoints.close()
@@ -89,7 +90,7 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
     if other_dataset:
       result.update(dataset=dataset, split=split)
     result.update(clip_report.report(steps, state, config, reader,
-                                     os.path.join(workdir, f'clips_{name}_step{chosen}')))
+                                     os.path.join(workdir, f'clips_{name}_step{chosen}'), predict))
   return result
 
 
@@ -181,8 +182,8 @@ def run_command():
     print(f'{_WORKDIR.value} step {result["step"]}{on_what(result)}:')
     print(reports.format_results_table({os.path.basename(_WORKDIR.value.rstrip('/')): result}, CLASS_NAMES,
                                        with_mean=False))
-    if 'clip_report' in result:
-      print(f'per-clip outputs: {result["clip_report"]}\n{result["clip_summary"]}')
+    if 'clip_report' in result:  # process 0
+      print(f'per clip: {result["clip_report"]}\n{result["clip_summary"]}')
   elif _DATASET.value:
     print(evaluate_folds(_FOLDS.value, _DATASET.value, _STEP.value, _SPLIT.value, _DATA_DIR.value))
   else:

@@ -1,9 +1,7 @@
-"""Per-clip outputs declared by a model (`clip_outputs`): a tiny CEFLNet run, then `dferjax.evaluate` writes one
-row per test clip with its salient snippet and that snippet's frames; models that declare none write nothing."""
+"""Per-clip rows of `dferjax.evaluate`: a tiny CEFLNet run, then one row per test clip with its prediction, class
+probabilities, salient snippet and that snippet's frames (models that declare no outputs: test_train.py)."""
 import json
-import os
 
-import jax
 import numpy as np
 import pytest
 
@@ -58,18 +56,22 @@ def test_evaluate_writes_the_salient_snippet_per_clip(tmp_path, data_dir):
   np.testing.assert_array_equal(confusion, result['confusion'])  # the same predictions as the evaluation
   sampler = sampling.make_sampler(config.input.sampler)
   for row, record in zip(rows, records):
+    probabilities = np.asarray(row['probabilities'])
+    assert probabilities.shape == (7,) and abs(probabilities.sum() - 1) < 1e-5
+    assert row['prediction'] == probabilities.argmax()
     attention = np.asarray(row['snippet_attention'])
     assert attention.shape == (7,) and abs(attention.sum() - 1) < 1e-5
     assert row['salient_snippet'] == attention.argmax()  # P_e (Eq. 6)
     snippets = sampler(int(record['num_frames']), None).reshape(7, 2)
     assert row['salient_snippet_frames'] == snippets[row['salient_snippet']].tolist()
     assert all(0 <= frame < record['num_frames'] for frame in row['salient_snippet_frames'])
-  assert result['clip_summary'].startswith('salient_snippet over 7 clips: ')
+  right = int(np.trace(confusion))
+  assert result['clip_summary'].startswith(f'{right} of 7 clips predicted right\nsalient_snippet over 7 clips: ')
 
 
 def test_declared_outputs_and_loud_errors():
   assert clip_report.declared(CEFLNet(num_classes=7)) == {'salient_snippet': 'snippet', 'snippet_attention': 'value'}
-  assert clip_report.declared(STT(num_classes=7)) == {}  # nothing is written for it
+  assert clip_report.declared(STT(num_classes=7)) == {}  # its rows: the prediction and probabilities only
 
   class Wrong(CEFLNet):
     clip_outputs = {'salient_snippet': 'frame'}

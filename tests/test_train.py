@@ -164,6 +164,13 @@ def test_evaluate_cli_reproduces_the_final_evaluation(tmp_path, data_dir):
   from dferjax import evaluate
   again = evaluate.evaluate_checkpoint(str(tmp_path), 'latest')
   assert again['confusion'] == result['confusion']
+  rows = [json.loads(line) for line in open(again['clip_report'])]  # every model's per-clip predictions
+  assert again['clip_report'] == str(tmp_path / f'clips_test_step{again["step"]}.jsonl')
+  assert sorted(rows[0]) == ['clip_id', 'label', 'prediction', 'probabilities']
+  confusion = np.zeros((7, 7), int)
+  np.add.at(confusion, ([row['label'] for row in rows], [row['prediction'] for row in rows]), 1)
+  np.testing.assert_array_equal(confusion, result['confusion'])
+  assert all(np.argmax(row['probabilities']) == row['prediction'] for row in rows)
   # The command prints the table and nothing of the libraries' INFO logs or Orbax's read-only warnings.
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'JAX_PLATFORMS': 'cpu'}
   output = subprocess.run([sys.executable, '-m', 'dferjax.evaluate', f'--workdir={tmp_path}', '--step=latest'],
@@ -179,6 +186,7 @@ def test_evaluate_cli_reproduces_the_final_evaluation(tmp_path, data_dir):
   build.build('afew', manual_dir=str(afew_root), data_dir=str(afew_data), configs=['px32'], show_progress=False)
   across = evaluate.evaluate_checkpoint(str(tmp_path), 'latest', data_dir=str(afew_data), dataset='afew/px32')
   assert (across['dataset'], across['split'], across['step']) == ('afew/px32', 'validation', again['step'])
+  assert across['clip_report'] == str(tmp_path / f'clips_afew_px32_validation_step{again["step"]}.jsonl')
   confusion = np.array(across['confusion'])  # rows: the true classes, 2 clips each
   assert confusion.shape == (7, 7) and (confusion.sum(axis=1) == 2).all()
   assert across['war'] == across['uar'] == pytest.approx(np.trace(confusion) / 14)
