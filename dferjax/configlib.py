@@ -126,8 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
 # other field (the dataset and fold, the model, the loss, the optimizer, the input recipe, the seed) would mix two
 # experiments in one workdir (checkpoint.check_resumable).
 RESUMABLE_FIELDS = ('num_epochs', 'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps',
-                    'keep_checkpoints', 'progress_bar', 'eval_batch_size', 'dataset.data_dir', 'input.num_threads',
-                    'input.num_workers', 'input.prefetch')
+                    'keep_checkpoints', 'progress_bar', 'eval_batch_size', 'dataset.data_dir', 'dataset.clip_root',
+                    'input.num_threads', 'input.num_workers', 'input.prefetch')
 
 
 def flatten_config(config_json: dict, prefix: str = '') -> dict:
@@ -144,7 +144,7 @@ def flatten_config(config_json: dict, prefix: str = '') -> dict:
 # Blocks whose fields belong to what they name and are checked there: the model's Module fields, a loss's, a
 # sampler's, the clip transforms'; a dataset's own (an image list's files, the synthetic demo's recipe).
 OPEN_FIELDS = ('model', 'loss', 'input.sampler', 'input.transforms', 'dataset.image_lists', 'dataset.image_root',
-               'dataset.label_order', 'dataset.synthetic')
+               'dataset.label_order', 'dataset.synthetic', 'dataset.clip_lists', 'dataset.clip_root', 'dataset.fold')
 
 
 def check_known_fields(config: ml_collections.ConfigDict) -> None:
@@ -168,6 +168,18 @@ def check_known_fields(config: ml_collections.ConfigDict) -> None:
   if messages:
     raise ValueError('the config sets fields no part of dferjax reads (a misspelling is ignored otherwise): '
                      + '; '.join(messages))
+
+
+def check_classes(config: ml_collections.ConfigDict) -> None:
+  """config.num_classes must count config.class_names; the built datasets and image lists label the seven
+  CLASS_NAMES, so only a clip list (dferjax/data/clip_list.py) may name classes of its own."""
+  names = tuple(config.class_names)
+  if config.num_classes != len(names):
+    raise ValueError(f'config.num_classes={config.num_classes}, but config.class_names names {len(names)} classes '
+                     f'{names}: the model has one logit per class name, so set both')
+  if names != CLASS_NAMES and config.dataset.name != 'clip_list':
+    raise ValueError(f'config.class_names={names}, but {config.dataset.name!r} labels its clips {CLASS_NAMES}: '
+                     "only config.dataset.name='clip_list' (dferjax/data/clip_list.py) takes classes of its own")
 
 
 def segment_sampler(num_segments: int, frames_per_segment: int, short_clip_fallback: str = 'zeros') -> dict:

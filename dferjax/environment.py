@@ -76,12 +76,25 @@ def files_fingerprint(path: pathlib.Path) -> str:
   return digest.hexdigest()[:16]
 
 
+def file_digest(path: str) -> str | None:
+  """The first 16 hex digits of a small file's SHA-256; None when it cannot be read."""
+  try:
+    with open(path, 'rb') as f:
+      return hashlib.sha256(f.read()).hexdigest()[:16]
+  except OSError:
+    return None
+
+
 def dataset_state(config) -> dict:
   """The dataset `config` reads: name, where, records per split, its build record and built files' fingerprint."""
-  from dferjax.data import image_list, inputs  # pylint: disable=import-outside-toplevel
+  from dferjax.data import clip_list, image_list, inputs  # pylint: disable=import-outside-toplevel
   name = config.dataset.name
   if name == image_list.NAME:
     return {'name': name, 'note': 'an image list, read as it is: not fingerprinted'}
+  if name == clip_list.NAME:
+    return {'name': name, 'note': 'a clip list, read as it is: only the list files are fingerprinted',
+            'lists': {split: {'path': path, 'sha256': file_digest(path)}
+                      for split, path in sorted(config.dataset.clip_lists.items())}}
   builder = datasets.builder(name, inputs.data_dir(config))
   path = pathlib.Path(builder.data_path)
   if not path.is_dir():

@@ -98,14 +98,13 @@ def evaluate_folds(workdirs, dataset: str, step: str = 'best', split: str | None
                    data_dir: str | None = None) -> str:
   """Each DFEW fold run's checkpoint evaluated on another dataset: the table with the mean and std over folds."""
   from dferjax import reports  # pylint: disable=import-outside-toplevel
-  from tfds_builders.labels import CLASS_NAMES  # pylint: disable=import-outside-toplevel
   names = reports.fold_names_from_configs(workdirs)  # from each run's config, not its position
   results, compiled = {}, {}
   for name, workdir in sorted(zip(names, workdirs)):
     results[name] = evaluate_checkpoint(workdir, step, split, data_dir, dataset, compiled)
     print(f'{name}: {workdir} step {results[name]["step"]}', flush=True)
   return (f'{len(results)} folds, --step {step}{on_what(results[name])}:\n'
-          + reports.format_results_table(results, CLASS_NAMES))
+          + reports.format_results_table(results, reports.class_names_of(workdirs)))
 
 
 def retarget(config: ml_collections.ConfigDict, dataset: str) -> str:
@@ -113,6 +112,9 @@ def retarget(config: ml_collections.ConfigDict, dataset: str) -> str:
   (sampler, frame size, min_frames) stays: the model sees the clips as it was evaluated in training."""
   from dferjax.data import datasets  # pylint: disable=import-outside-toplevel
   builder_name, _ = datasets.split_name(dataset)  # fails naming the known datasets
+  if tuple(config.class_names) != datasets.CLASS_NAMES:
+    raise ValueError(f'--dataset {dataset}: the run was trained on the classes {tuple(config.class_names)}, '
+                     f'{dataset} labels {datasets.CLASS_NAMES}')
   config.dataset.name = dataset
   if 'synthetic' in config.dataset:  # the demo's own data; the named dataset is read from config.dataset.data_dir
     del config.dataset['synthetic']
@@ -174,13 +176,13 @@ def main(argv):
 
 def run_command():
   from dferjax import reports  # pylint: disable=import-outside-toplevel
-  from tfds_builders.labels import CLASS_NAMES  # pylint: disable=import-outside-toplevel
   if bool(_WORKDIR.value) == bool(_FOLDS.value):
     raise app.UsageError('give exactly one of --workdir and --folds')
   if _WORKDIR.value:
     result = evaluate_checkpoint(_WORKDIR.value, _STEP.value, _SPLIT.value, _DATA_DIR.value, _DATASET.value)
     print(f'{_WORKDIR.value} step {result["step"]}{on_what(result)}:')
-    print(reports.format_results_table({os.path.basename(_WORKDIR.value.rstrip('/')): result}, CLASS_NAMES,
+    print(reports.format_results_table({os.path.basename(_WORKDIR.value.rstrip('/')): result},
+                                       reports.class_names_of([_WORKDIR.value]),
                                        with_mean=False))
     if 'clip_report' in result:  # process 0
       print(f'per clip: {result["clip_report"]}\n{result["clip_summary"]}')
@@ -188,7 +190,7 @@ def run_command():
     print(evaluate_folds(_FOLDS.value, _DATASET.value, _STEP.value, _SPLIT.value, _DATA_DIR.value))
   else:
     names = reports.fold_names_from_configs(_FOLDS.value)  # from each run's config, not its position
-    print(reports.fold_report(_FOLDS.value, CLASS_NAMES, select_by=_SELECT_BY.value, last=_LAST.value,
+    print(reports.fold_report(_FOLDS.value, reports.class_names_of(_FOLDS.value), select_by=_SELECT_BY.value, last=_LAST.value,
                               fold_names=names))
 
 

@@ -12,6 +12,7 @@ import re
 import numpy as np
 
 from dferjax import configlib, writers
+from tfds_builders.labels import CLASS_NAMES
 
 
 def _check_rows(results: Mapping[str, Mapping], class_names: Sequence[str]) -> None:
@@ -108,13 +109,31 @@ DFEW_FOLDS = (1, 2, 3, 4, 5)
 
 
 def run_fold(workdir: str | os.PathLike) -> int | None:
-  """The fold a run trained on, from its `config.json` (`dataset.name` 'dfew/fold3_px112' -> 3); None if none."""
+  """The fold a run trained on, from its `config.json` (`dataset.name` 'dfew/fold3_px112' -> 3, or a clip list's
+  `dataset.fold`); None if none."""
   path = pathlib.Path(workdir) / 'config.json'
   if not path.is_file():
     raise FileNotFoundError(f'{path} does not exist: is {str(workdir)!r} a dferjax workdir?')
-  name = json.loads(path.read_text()).get('dataset', {}).get('name', '')
-  match = re.search(r'/fold(\d+)', name)
+  dataset = json.loads(path.read_text()).get('dataset', {})
+  if dataset.get('fold'):
+    return int(dataset['fold'])
+  match = re.search(r'/fold(\d+)', dataset.get('name', ''))
   return int(match[1]) if match else None
+
+
+def class_names_of(workdirs: Sequence[str | os.PathLike]) -> tuple[str, ...]:
+  """The class names the runs were trained with (`config.class_names`: DFEW's seven unless a clip list named
+  others); fails when the runs differ."""
+  found = {}
+  for workdir in workdirs:
+    path = pathlib.Path(workdir) / 'config.json'
+    if not path.is_file():
+      raise FileNotFoundError(f'{path} does not exist: is {str(workdir)!r} a dferjax workdir?')
+    found[str(workdir)] = tuple(json.loads(path.read_text()).get('class_names', CLASS_NAMES))
+  if len(set(found.values())) > 1:
+    raise ValueError('the runs were trained with different classes: '
+                     + '; '.join(f'{workdir}: {names}' for workdir, names in found.items()))
+  return next(iter(found.values()))
 
 
 def fold_names_from_configs(workdirs: Sequence[str | os.PathLike], folds: Sequence[int] = DFEW_FOLDS) -> list[str]:

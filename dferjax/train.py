@@ -314,6 +314,7 @@ def head_result(confusion, class_names) -> dict[str, Any]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final eval metrics."""
   configlib.check_known_fields(config)
+  configlib.check_classes(config)
   distributed.check_posix_path(workdir, '--workdir', 'workdir')
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
   local_batch_size = sharding.check_batch_size(config.batch_size)

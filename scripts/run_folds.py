@@ -123,8 +123,7 @@ def main():
     if status := run_folds(folds, workdirs, commands, gpus):
       sys.exit(status)
   from dferjax import reports  # pylint: disable=import-outside-toplevel
-  from tfds_builders.labels import CLASS_NAMES  # pylint: disable=import-outside-toplevel
-  print(reports.fold_report(workdirs, CLASS_NAMES, select_by=args.select_by,
+  print(reports.fold_report(workdirs, reports.class_names_of(workdirs), select_by=args.select_by,
                             fold_names=[f'fold{k}' for k in folds]))  # fold k is <workdir>_fold<k>, wherever listed
 
 

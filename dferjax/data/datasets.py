@@ -34,7 +34,7 @@ def split_name(name: str) -> tuple[str, str | None]:
   dataset, _, config = name.partition('/')
   if dataset not in DATASETS:
     raise ValueError(f'dataset name {name!r}: expected "<dataset>[/<config>]" with dataset in {DATASETS} '
-                     f"(or 'image_list', dferjax.data.image_list)")
+                     f"(or 'image_list', dferjax.data.image_list, or 'clip_list', dferjax.data.clip_list)")
   return dataset, (config or None)
 
 

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from dferjax import distributed, sharding
-from dferjax.data import datasets, image_list, pipeline
+from dferjax.data import clip_list, datasets, image_list, pipeline
 
 
 SYNTHETIC_SUBDIR = 'synthetic'
@@ -65,6 +65,8 @@ def split_source(config: ml_collections.ConfigDict, split: str):
   """One split of `config.dataset`, without the clips shorter than `config.dataset.min_frames` (if > 1)."""
   if config.dataset.name == image_list.NAME:  # single images as one-frame clips (AEN's RAF-DB pre-training)
     source = image_list.split_source(config.dataset, split)
+  elif config.dataset.name == clip_list.NAME:  # frame folders named in list files, no build
+    source = clip_list.split_source(config, split)
   else:
     source = datasets.data_source(config.dataset.name, split, data_dir(config))
   if config.dataset.min_frames > 1:

@@ -1,0 +1,163 @@
+"""Clips listed in text files (dferjax/data/clip_list.py): Former-DFER-style lists of the synthetic DFEW read as the
+TFDS builder reads the same files, every malformed line refused naming it, and a 3-class dataset of one's own
+trained and evaluated end to end through configs/clip_list.py."""
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from dferjax import configlib, evaluate, reports, train
+from dferjax.data import build, clip_list, datasets, pipeline, synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def dfew(tmp_path_factory):
+  """The synthetic DFEW (2 clips per class), built as dfew/fold1_px32, and fold 1's train and test lists in
+  Former-DFER's format: `<clip folder> <frame count> <label 0..6>`."""
+  root = tmp_path_factory.mktemp('clip_list')
+  clips = synthetic.write_dfew(str(root / 'DFEW'), clips_per_class=2, seed=1)
+  build.build('dfew', manual_dir=str(root / 'DFEW'), data_dir=str(root / 'tfds'), configs=['fold1_px32'],
+              show_progress=False)
+  for split in ('train', 'test'):
+    lines = [f'{root}/DFEW/Clip/clip_224x224/{c["clip_id"]} {c["num_frames"]} {c["label"]}\n'
+             for c in clips if (c['test_fold'] == 1) == (split == 'test')]
+    (root / f'set_1_{split}.txt').write_text(''.join(lines))
+  return root, clips
+
+
+def test_lists_read_as_the_builder_reads_the_same_clips(dfew):
+  root, _ = dfew
+  for split in ('train', 'test'):
+    listed = clip_list.ClipListSource(str(root / f'set_1_{split}.txt'))
+    built = datasets.data_source('dfew/fold1_px32', split, str(root / 'tfds'))
+    built_records = {record['clip_id'].decode(): record for record in (built[i] for i in range(len(built)))}
+    assert len(listed) == len(built_records)
+    for index in range(len(listed)):
+      record = listed[index]
+      clip_id = os.path.basename(record['clip_id'].decode())
+      reference = built_records[clip_id]
+      assert int(record['label']) == int(reference['label'])  # the lists' 0..6 = the builder's labels
+      assert record['num_frames'] == int(reference['num_frames'])
+      # Frame order: the folder's frames, each shrunk to the build's 32 px as the builder does, match the built
+      # ones up to its JPEG coding; a frame out of order (the face moves) would not.
+      for frame in (0, record['num_frames'] // 2, record['num_frames'] - 1):
+        full = pipeline.decode_frames([record['frames'][frame]], [frame], clip_id)[0]
+        small = cv2.resize(full, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float64)
+        stored = pipeline.decode_frames(reference['frames'][frame:frame + 1], [frame], clip_id)[0]
+        assert np.abs(small - stored).mean() < 4, (clip_id, frame)
+
+
+def test_labels_by_number_or_name_and_the_default_spellings():
+  labels = clip_list.label_map(datasets.CLASS_NAMES)
+  assert [clip_list.parse_line(text, 'x:1', labels) for text in
+          ('a/00001 12 0', 'b 6', 'c Happiness', 'd 30 ANGER', '  # comment', '')] == [
+              ('a/00001', 12, 0), ('b', None, 6), ('c', None, 0), ('d', 30, 3), None, None]
+  own = clip_list.label_map(('calm', 'Tense'))
+  assert clip_list.parse_line('e tense', 'x:1', own) == ('e', None, 1)
+  with pytest.raises(ValueError, match=r"x:1: label 'happy' is neither 0..1 nor a class of config.class_names \("
+                                       r"calm, tense\)"):
+    clip_list.parse_line('e happy', 'x:1', own)
+  with pytest.raises(ValueError, match=r"x:1: label '2' is neither"):
+    clip_list.parse_line('e 2', 'x:1', own)
+  with pytest.raises(ValueError, match=r'x:2: expected "<clip folder> <frame count> <label>".*4 columns'):
+    clip_list.parse_line('my clip 12 0', 'x:2', labels)
+  with pytest.raises(ValueError, match=r"x:3: the middle column is a frame count, got 'x'"):
+    clip_list.parse_line('a x 0', 'x:3', labels)
+  with pytest.raises(ValueError, match='names a class twice'):
+    clip_list.label_map(('calm', 'Calm'))
+
+
+def test_a_bad_list_fails_naming_each_kind_of_problem_and_its_first_line(dfew, tmp_path):
+  root, clips = dfew
+  folder = lambda clip: f'DFEW/Clip/clip_224x224/{clip["clip_id"]}'
+  (root / 'empty').mkdir(exist_ok=True)
+  lines = [f'{folder(clips[0])} {clips[0]["num_frames"]} 0', f'{folder(clips[1])} {clips[1]["num_frames"] + 1} 1',
+           'DFEW/Clip/clip_224x224/99999 10 2', 'empty 3', f'{folder(clips[2])} 5', f'{folder(clips[0])} 4']
+  (root / 'bad.txt').write_text('\n'.join(lines) + '\n')
+  with pytest.raises(ValueError) as error:
+    clip_list.ClipListSource(str(root / 'bad.txt'))
+  message = str(error.value)
+  assert f'relative folders start at {root}' in message
+  assert f'1 x frame count, first: {root}/bad.txt:2: lists {clips[1]["num_frames"] + 1} frames' in message
+  assert f'1 x missing folder, first: {root}/bad.txt:3: clip folder {root}/DFEW/Clip/clip_224x224/99999' in message
+  assert f'1 x empty folder, first: {root}/bad.txt:4: clip folder {root}/empty holds no image files' in message
+  assert f'1 x listed twice, first: {root}/bad.txt:6: clip {folder(clips[0])} is listed again (first at line 1)' in message
+  (tmp_path / 'none.txt').write_text('# nothing\n')
+  with pytest.raises(ValueError, match='lists no clips'):
+    clip_list.ClipListSource(str(tmp_path / 'none.txt'))
+  with pytest.raises(FileNotFoundError, match='clip list .*missing.txt does not exist'):
+    clip_list.ClipListSource(str(tmp_path / 'missing.txt'))
+  # A frame removed after the check: the read names the file.
+  listed = clip_list.ClipListSource(str(root / 'set_1_test.txt'))
+  frames = listed[0]['frames']
+  os.rename(os.path.join(frames.folder, frames.names[0]), tmp_path / 'moved.jpg')
+  try:
+    with pytest.raises(OSError, match=rf'cannot read frame {frames.folder}/{frames.names[0]}'):
+      frames[0]  # pylint: disable=pointless-statement
+  finally:
+    os.rename(tmp_path / 'moved.jpg', os.path.join(frames.folder, frames.names[0]))
+
+
+def test_class_names_must_fit_num_classes_and_the_dataset():
+  config = configlib.load_config(os.path.join(REPO, 'configs', 'clip_list.py'),
+                                 'recipe=stt_dfew,train=a.txt,test=b.txt,classes=calm+tense+amused,fold=2')
+  assert (config.num_classes, config.class_names, config.model_name) == (3, ('calm', 'tense', 'amused'), 'stt')
+  assert dict(config.dataset.clip_lists) == {'train': 'a.txt', 'test': 'b.txt'} and config.dataset.fold == 2
+  configlib.check_known_fields(config)
+  configlib.check_classes(config)
+  with config.unlocked():
+    config.num_classes = 7
+  with pytest.raises(ValueError, match=r"config.num_classes=7, but config.class_names names 3 classes"):
+    configlib.check_classes(config)
+  dfew_config = configlib.load_config(os.path.join(REPO, 'configs', 'stt_dfew.py'))
+  with dfew_config.unlocked():
+    dfew_config.class_names, dfew_config.num_classes = ('calm', 'tense', 'amused'), 3
+  with pytest.raises(ValueError, match=r"'dfew/fold1' labels its clips \('happy', .*only config.dataset.name="):
+    configlib.check_classes(dfew_config)
+  with pytest.raises(ValueError, match=r"recipe='stt' is not a config in configs/"):
+    configlib.load_config(os.path.join(REPO, 'configs', 'clip_list.py'), 'recipe=stt,train=a,test=b')
+  # {fold} in the paths is the fold scripts/run_folds.py appends.
+  folded = configlib.load_config(os.path.join(REPO, 'configs', 'clip_list.py'),
+                                 'train=l/set_{fold}_train.txt,test=l/set_{fold}_test.txt,root=r{fold},fold=4')
+  assert dict(folded.dataset.clip_lists) == {'train': 'l/set_4_train.txt', 'test': 'l/set_4_test.txt'}
+  assert folded.dataset.clip_root == 'r4'
+
+
+def test_three_classes_of_ones_own_train_and_evaluate(dfew, tmp_path):
+  """The synthetic clips of three classes, named 'calm', 'tense', 'amused' (labels by name in the lists); the six
+  clips are both splits (this checks the plumbing, not generalisation)."""
+  root, clips = dfew
+  names = ('calm', 'tense', 'amused')
+  mine = [c for c in clips if c['label'] < 3]
+  for split in ('train', 'test'):
+    (tmp_path / f'{split}.txt').write_text(''.join(
+        f'DFEW/Clip/clip_224x224/{c["clip_id"]} {names[c["label"]]}\n' for c in mine))
+  config = configlib.load_config(
+      os.path.join(REPO, 'configs', 'clip_list.py'),
+      f'recipe={REPO}/tests/tiny_config.py,train={tmp_path}/train.txt,test={tmp_path}/test.txt,root={root},'
+      'classes=calm+tense+amused,fold=3')
+  with config.unlocked():
+    config.num_epochs = 1
+  workdir = tmp_path / 'run'
+  result = train.train_and_evaluate(config, str(workdir))
+  confusion = np.array(result['confusion'])
+  assert confusion.shape == (3, 3)
+  np.testing.assert_array_equal(confusion.sum(axis=1), [2, 2, 2])
+  assert sorted(result['per_class']) == sorted(names)
+  again = evaluate.evaluate_checkpoint(str(workdir), 'latest')
+  assert again['confusion'] == result['confusion']
+  rows = [json.loads(line) for line in open(again['clip_report'])]
+  assert [len(row['probabilities']) for row in rows] == [3] * 6
+  assert [row['clip_id'] for row in rows] == [f'DFEW/Clip/clip_224x224/{c["clip_id"]}' for c in mine]
+  assert [row['label'] for row in rows] == [c['label'] for c in mine]
+  assert reports.run_fold(workdir) == 3 and reports.class_names_of([workdir]) == names
+  table = reports.format_results_table({'run': result}, reports.class_names_of([workdir]), with_mean=False)
+  assert [cell.strip() for cell in table.splitlines()[0].split('|')[2:5]] == list(names)
+  environment = json.loads((workdir / 'environment.json').read_text())['runs'][-1]['dataset']
+  assert environment['lists']['test']['path'] == f'{tmp_path}/test.txt' and environment['lists']['test']['sha256']
+  with pytest.raises(ValueError, match=r"the run was trained on the classes \('calm', 'tense', 'amused'\)"):
+    evaluate.evaluate_checkpoint(str(workdir), 'latest', dataset='dfew/fold1_px32', data_dir=str(root / 'tfds'))
