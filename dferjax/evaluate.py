@@ -6,11 +6,13 @@ snippet) go to <workdir>/clips_<split>_step<N>.jsonl (dferjax/clip_report.py).
     python -m dferjax.evaluate --folds runs/stt_dfew_fold1,runs/stt_dfew_fold2,... [--select_by war]
     python -m dferjax.evaluate --workdir runs/stt_dfew_fold1 --dataset afew/px112     # across datasets
     python -m dferjax.evaluate --folds runs/stt_dfew_fold1,... --dataset ferv39k/px112  # each fold's, and the mean
+    python -m dferjax.evaluate --workdir runs/stt_dfew_fold1 --clip_list mine/test.txt  # clips of one's own
 
 The fold tables show both protocols: the best test epoch (the papers') and, for runs with a validation hold-out
 (config.validation), the test evaluation of the checkpoint selected on it. `--dataset` evaluates a run's checkpoint on
 another built dataset (every builder labels the same seven classes in one order), on its reported split unless
-`--split` names one; with `--folds`, each fold's checkpoint is evaluated and the mean over folds follows. Re-evaluating warns
+`--split` names one; `--clip_list` on the clips of a list file (dferjax/data/clip_list.py); with `--folds`, each
+fold's checkpoint is evaluated and the mean over folds follows. Re-evaluating warns
 (environment.DatasetChangedWarning) when the dataset read now is not the build the run trained on.
 
 Expected errors print one `error: ...` message and exit 1 (--verbose: the traceback).
@@ -35,6 +37,10 @@ _SPLIT = flags.DEFINE_string('split', None, 'Split to evaluate (default: the con
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Override config.dataset.data_dir.')
 _DATASET = flags.DEFINE_string('dataset', None, "Evaluate on another built dataset than the run's, e.g. 'afew/px112' "
                                "or 'ferv39k/px112' (default split: the dataset's reported one, --split to change).")
+_CLIP_LIST = flags.DEFINE_string('clip_list', None, "Evaluate on the clips of a list file (dferjax/data/clip_list.py) "
+                                 "labelled with the run's classes, e.g. a test set of one's own.")
+_CLIP_ROOT = flags.DEFINE_string('clip_root', '', "With --clip_list: where its relative clip folders start (default: "
+                                 "the list file's folder).")
 _FOLDS = flags.DEFINE_list('folds', None, 'Workdirs of the 5 DFEW folds, to collect into one table (each run\'s fold is '
                            'read from its config; duplicated or missing folds fail).')
 _SELECT_BY = flags.DEFINE_enum('select_by', 'war', ['war', 'uar'],
@@ -53,10 +59,12 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = None, data_dir: str | None = None,
-                        dataset: str | None = None, compiled: dict | None = None) -> dict:
-  """Restores one checkpoint of `workdir` (`choose_step`) and evaluates it on a split of the run's dataset, or of
-  `dataset` (another built one); returns the metrics. Runs whose configs are equal share the jitted steps kept in
-  `compiled` (one compilation for five folds evaluated on one dataset)."""
+                        dataset: str | None = None, compiled: dict | None = None, clip_list: str | None = None,
+                        clip_root: str = '') -> dict:
+  """Restores one checkpoint of `workdir` (`choose_step`) and evaluates it on a split of the run's dataset, of
+  `dataset` (another built one) or on the clips of the list file `clip_list`; returns the metrics. Runs whose
+  configs are equal share the jitted steps kept in `compiled` (one compilation for five folds evaluated on one
+  dataset)."""
   from dferjax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from dferjax import clip_report, train  # pylint: disable=import-outside-toplevel
   from dferjax.data import inputs  # pylint: disable=import-outside-toplevel
@@ -64,11 +72,17 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
   config = load_run_config(workdir)
   if data_dir:
     config.dataset.data_dir = data_dir
+  if dataset and clip_list:
+    raise ValueError('give --dataset or --clip_list, not both')
+  if clip_list:
+    if split not in (None, 'test'):
+      raise ValueError(f'--split {split}: a --clip_list is one split (its clips); leave --split out')
+    dataset, split = clip_list, retarget_to_list(config, clip_list, clip_root)
   other_dataset = bool(dataset) and dataset != config.dataset.name
-  if other_dataset:
+  if other_dataset and not clip_list:
     reported_split = retarget(config, dataset)
     split = split or reported_split
-  else:
+  elif not other_dataset:
     environment.warn_if_dataset_changed(workdir, config)
   checkpoints = checkpoint_lib.Checkpoints(workdir, best_metric=config.best_metric, read_only=True)
   try:
@@ -82,7 +96,8 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
   finally:
     checkpoints.close()
   split = split or config.dataset.eval_split
-  name = re.sub(r'[^\w-]', '_', f'{dataset}_{split}' if other_dataset else split)  # 'test[:50%]' in a file name
+  target = os.path.splitext(os.path.basename(clip_list))[0] if clip_list else dataset
+  name = re.sub(r'[^\w-]', '_', f'{target}_{split}' if other_dataset else split)  # 'test[:50%]' in a file name
   with train.device_memory_errors(config), \
        contextlib.closing(inputs.eval_reader(config, inputs.split_source(config, split))) as reader:
     result = train.evaluate(steps, state, config, reader)
@@ -94,14 +109,15 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
   return result
 
 
-def evaluate_folds(workdirs, dataset: str, step: str = 'best', split: str | None = None,
-                   data_dir: str | None = None) -> str:
-  """Each DFEW fold run's checkpoint evaluated on another dataset: the table with the mean and std over folds."""
+def evaluate_folds(workdirs, dataset: str | None, step: str = 'best', split: str | None = None,
+                   data_dir: str | None = None, clip_list: str | None = None, clip_root: str = '') -> str:
+  """Each DFEW fold run's checkpoint evaluated on another dataset (or a clip list): the table with the mean and
+  std over folds."""
   from dferjax import reports  # pylint: disable=import-outside-toplevel
   names = reports.fold_names_from_configs(workdirs)  # from each run's config, not its position
   results, compiled = {}, {}
   for name, workdir in sorted(zip(names, workdirs)):
-    results[name] = evaluate_checkpoint(workdir, step, split, data_dir, dataset, compiled)
+    results[name] = evaluate_checkpoint(workdir, step, split, data_dir, dataset, compiled, clip_list, clip_root)
     print(f'{name}: {workdir} step {results[name]["step"]}', flush=True)
   return (f'{len(results)} folds, --step {step}{on_what(results[name])}:\n'
           + reports.format_results_table(results, reports.class_names_of(workdirs)))
@@ -119,6 +135,15 @@ def retarget(config: ml_collections.ConfigDict, dataset: str) -> str:
   if 'synthetic' in config.dataset:  # the demo's own data; the named dataset is read from config.dataset.data_dir
     del config.dataset['synthetic']
   return datasets.REPORTED_SPLITS[builder_name]
+
+
+def retarget_to_list(config: ml_collections.ConfigDict, list_file: str, clip_root: str = '') -> str:
+  """Points a run's config at the clips of one list file, labelled with the run's classes; returns its split."""
+  from dferjax.data import clip_list  # pylint: disable=import-outside-toplevel
+  config.dataset = ml_collections.ConfigDict(dict(
+      name=clip_list.NAME, data_dir='', train_split='test', eval_split='test', min_frames=config.dataset.min_frames,
+      clip_lists={'test': list_file}, clip_root=clip_root))
+  return 'test'
 
 
 def choose_step(checkpoints, step: str, config: ml_collections.ConfigDict, workdir: str) -> int:
@@ -179,15 +204,17 @@ def run_command():
   if bool(_WORKDIR.value) == bool(_FOLDS.value):
     raise app.UsageError('give exactly one of --workdir and --folds')
   if _WORKDIR.value:
-    result = evaluate_checkpoint(_WORKDIR.value, _STEP.value, _SPLIT.value, _DATA_DIR.value, _DATASET.value)
+    result = evaluate_checkpoint(_WORKDIR.value, _STEP.value, _SPLIT.value, _DATA_DIR.value, _DATASET.value,
+                                 clip_list=_CLIP_LIST.value, clip_root=_CLIP_ROOT.value)
     print(f'{_WORKDIR.value} step {result["step"]}{on_what(result)}:')
     print(reports.format_results_table({os.path.basename(_WORKDIR.value.rstrip('/')): result},
                                        reports.class_names_of([_WORKDIR.value]),
                                        with_mean=False))
     if 'clip_report' in result:  # process 0
       print(f'per clip: {result["clip_report"]}\n{result["clip_summary"]}')
-  elif _DATASET.value:
-    print(evaluate_folds(_FOLDS.value, _DATASET.value, _STEP.value, _SPLIT.value, _DATA_DIR.value))
+  elif _DATASET.value or _CLIP_LIST.value:
+    print(evaluate_folds(_FOLDS.value, _DATASET.value, _STEP.value, _SPLIT.value, _DATA_DIR.value, _CLIP_LIST.value,
+                         _CLIP_ROOT.value))
   else:
     names = reports.fold_names_from_configs(_FOLDS.value)  # from each run's config, not its position
     print(reports.fold_report(_FOLDS.value, reports.class_names_of(_FOLDS.value), select_by=_SELECT_BY.value, last=_LAST.value,

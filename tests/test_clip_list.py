@@ -162,5 +162,13 @@ def test_three_classes_of_ones_own_train_and_evaluate(dfew, tmp_path):
   assert [cell.strip() for cell in table.splitlines()[0].split('|')[2:5]] == list(names)
   environment = json.loads((workdir / 'environment.json').read_text())['runs'][-1]['dataset']
   assert environment['lists']['test']['path'] == f'{tmp_path}/test.txt' and environment['lists']['test']['sha256']
+  # evaluate --clip_list: the test list given by hand evaluates as the run's own test split did.
+  listed = evaluate.evaluate_checkpoint(str(workdir), 'latest', clip_list=f'{tmp_path}/test.txt', clip_root=str(root))
+  assert listed['confusion'] == result['confusion'] and listed['dataset'] == f'{tmp_path}/test.txt'
+  assert listed['clip_report'] == str(workdir / f'clips_test_test_step{again["step"]}.jsonl')
+  with pytest.raises(ValueError, match='give --dataset or --clip_list, not both'):
+    evaluate.evaluate_checkpoint(str(workdir), 'latest', dataset='afew/px32', clip_list=f'{tmp_path}/test.txt')
+  with pytest.raises(ValueError, match=r'--split train: a --clip_list is one split'):
+    evaluate.evaluate_checkpoint(str(workdir), 'latest', 'train', clip_list=f'{tmp_path}/test.txt')
   with pytest.raises(ValueError, match=r"the run was trained on the classes \('calm', 'tense', 'amused'\)"):
     evaluate.evaluate_checkpoint(str(workdir), 'latest', dataset='dfew/fold1_px32', data_dir=str(root / 'tfds'))
