@@ -269,17 +269,31 @@ _NOT_RECIPE = ('seed', *(name for name in configlib.RESUMABLE_FIELDS if name != 
 
 def recipe_differences(workdirs: Sequence[str | os.PathLike]) -> list[str]:
   """How each run's config differs from the first run's, the fold number aside ('fold3' in the dataset name or an
-  AEN guide's workdir): a fold trained with another recipe (an earlier attempt left in place) would be averaged
-  with the others without a word."""
-  recipes = []
+  AEN guide's workdir; a clip list's fold and the fold's number in its list paths): a fold trained with another
+  recipe (an earlier attempt left in place) would be averaged with the others without a word."""
+  recipes, folds = [], [run_fold(workdir) for workdir in workdirs]
   for workdir in workdirs:
     flat = configlib.flatten_config(json.loads((pathlib.Path(workdir) / 'config.json').read_text()))
     recipes.append({name: re.sub(r'fold\d+', 'fold*', value) if isinstance(value, str) else value
-                    for name, value in flat.items() if name not in _NOT_RECIPE})
+                    for name, value in flat.items() if name not in _NOT_RECIPE and name != 'dataset.fold'})
+
+  def same(name, value, fold, first_value, first_fold):
+    if value == first_value:
+      return True
+    if not (name.startswith(('dataset.clip_lists.', 'dataset.clip_root')) and isinstance(value, str)
+            and isinstance(first_value, str) and fold is not None and first_fold is not None):
+      return False
+    # A clip list's paths may differ exactly where each holds its own fold number (set_3_train.txt, set_1_...).
+    parts, first_parts = (re.split(r'(?<!\d)(\d+)(?!\d)', text) for text in (value, first_value))
+    return len(parts) == len(first_parts) and all(
+        part == first_part or (i % 2 and (part, first_part) == (str(fold), str(first_fold)))
+        for i, (part, first_part) in enumerate(zip(parts, first_parts)))
+
   lines = []
-  for workdir, recipe in zip(workdirs[1:], recipes[1:]):
+  for workdir, recipe, fold in zip(workdirs[1:], recipes[1:], folds[1:]):
     differing = [f'{name}={recipe.get(name)!r} (there: {recipes[0].get(name)!r})'
-                 for name in sorted({*recipe, *recipes[0]}) if recipe.get(name) != recipes[0].get(name)]
+                 for name in sorted({*recipe, *recipes[0]})
+                 if not same(name, recipe.get(name), fold, recipes[0].get(name), folds[0])]
     if differing:
       lines.append(f'{workdir} differs from {workdirs[0]}: {", ".join(differing)}')
   return lines

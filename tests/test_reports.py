@@ -161,3 +161,23 @@ def test_runs_trained_with_another_recipe_are_named_above_the_table(tmp_path):
   assert reports.recipe_differences([*same, other]) == [
       f"{other} differs from {same[0]}: optimizer.learning_rate=0.001 (there: 0.01)"]
 
+
+
+def test_clip_list_folds_differ_only_by_their_fold_in_the_list_paths(tmp_path):
+  """configs/clip_list.py's `{fold}` paths: set_1_train.txt and set_2_train.txt are one recipe, fold aside."""
+  def run(name, fold, train):
+    config = {'seed': 0, 'class_names': ['calm', 'tense'],
+              'dataset': {'name': 'clip_list', 'fold': fold, 'clip_root': f'/data/dfew{fold}x',
+                          'clip_lists': {'train': train, 'test': f'/lists2/set_{fold}_test.txt'}}}
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'config.json').write_text(json.dumps(config))
+    return str(tmp_path / name)
+
+  runs = [run(f'f{fold}', fold, f'/lists2/set_{fold}_train.txt') for fold in (1, 2)]
+  assert reports.recipe_differences(runs) == [] and reports.fold_names_from_configs(runs, folds=(1, 2)) == [
+      'fold1', 'fold2']
+  assert reports.class_names_of(runs) == ('calm', 'tense')
+  other = run('f3', 3, '/lists2/set_3_train_v2.txt')
+  assert reports.recipe_differences([runs[0], other]) == [
+      f"{other} differs from {runs[0]}: dataset.clip_lists.train='/lists2/set_3_train_v2.txt' "
+      "(there: '/lists2/set_1_train.txt')"]
