@@ -172,3 +172,20 @@ def test_three_classes_of_ones_own_train_and_evaluate(dfew, tmp_path):
     evaluate.evaluate_checkpoint(str(workdir), 'latest', 'train', clip_list=f'{tmp_path}/test.txt')
   with pytest.raises(ValueError, match=r"the run was trained on the classes \('calm', 'tense', 'amused'\)"):
     evaluate.evaluate_checkpoint(str(workdir), 'latest', dataset='dfew/fold1_px32', data_dir=str(root / 'tfds'))
+
+
+def test_frames_of_one_clip_at_different_sizes_are_resized_to_the_first(tmp_path):
+  """A face detector's crops differ in size frame to frame: each is resized to the first sampled frame's size."""
+  rng = np.random.default_rng(0)
+  sizes = [(40, 40), (52, 44), (30, 30)]
+  originals = [rng.integers(0, 256, (h, w, 3), np.uint8) for h, w in sizes]
+  (tmp_path / 'clip').mkdir()
+  for i, image in enumerate(originals, 1):
+    cv2.imwrite(str(tmp_path / 'clip' / f'{i}.png'), image[..., ::-1])  # lossless; cv2 writes BGR
+  (tmp_path / 'list.txt').write_text('clip 3 calm\n')
+  record = clip_list.ClipListSource(str(tmp_path / 'list.txt'), class_names=('calm',))[0]
+  video = pipeline.decode_frames(record['frames'][:], [0, 1, 2], 'clip')
+  assert video.shape == (3, 40, 40, 3)
+  np.testing.assert_array_equal(video[0], originals[0])
+  for i in (1, 2):
+    np.testing.assert_array_equal(video[i], cv2.resize(originals[i], (40, 40), interpolation=cv2.INTER_AREA))

@@ -13,7 +13,8 @@ A line is `<clip folder> <frame count> <label>` (the public code's lists, e.g. `
 order (DFEW's, AFEW's and FERV39K's public lists use CLASS_NAMES' order: 0 happy ... 6 fear) or a class name
 (any case; for the seven default classes also Anger, Happiness, Sadness). A clip's frames are its folder's image
 files in natural order (2.jpg before 10.jpg), as the TFDS builders read them; each is resized to
-config.input.image_size as it is read, so face crops of any size work (non-square ones are squeezed square).
+config.input.image_size as it is read, so face crops of any size work (non-square ones are squeezed square;
+frames of one clip at different sizes, a face detector's crops, are first resized to its first sampled frame's).
 
 Before training starts every listed folder is read once: a missing or empty folder, a frame count that is not
 the folder's, an unknown label or a clip listed twice fails naming the list line, so no clip is silently dropped

@@ -85,7 +85,8 @@ class SampleFrames(grain.transforms.RandomMap):
 
 
 def decode_frames(frames, frame_index, clip_id) -> np.ndarray:
-  """JPEG bytes or uint8 frames -> uint8 RGB [F, height, width, 3]; errors name the clip and frame index."""
+  """JPEG bytes or uint8 frames -> uint8 RGB [F, height, width, 3]; errors name the clip and frame index. A frame
+  of another size than the first (a face detector's crops, read from a clip list) is resized to the first's."""
   if isinstance(frames, np.ndarray) and frames.dtype == np.uint8:
     if frames.ndim != 4 or frames.shape[-1] != 3:
       raise ValueError(f'clip {clip_id!r}: raw frames must be uint8 [frames, height, width, 3], got {frames.shape}')
@@ -104,6 +105,8 @@ def decode_frames(frames, frame_index, clip_id) -> np.ndarray:
                        f'{getattr(frame, "dtype", "")}; expected JPEG bytes or a uint8 [height, width, 3] array')
     if video is None:
       video = np.empty((len(frames),) + image.shape, np.uint8)
+    if image.shape[2:] == video.shape[3:] and image.shape != video.shape[1:]:
+      image = cv2.resize(image, (video.shape[2], video.shape[1]), interpolation=cv2.INTER_AREA)
     if image.shape != video.shape[1:]:
       raise ValueError(f'clip {clip_id!r}: frame {int(frame_index[i])} has shape {image.shape}, frame '
                        f'{int(frame_index[0])} {video.shape[1:]}')
