@@ -189,3 +189,13 @@ def test_frames_of_one_clip_at_different_sizes_are_resized_to_the_first(tmp_path
   np.testing.assert_array_equal(video[0], originals[0])
   for i in (1, 2):
     np.testing.assert_array_equal(video[i], cv2.resize(originals[i], (40, 40), interpolation=cv2.INTER_AREA))
+
+
+def test_a_list_saved_with_a_byte_order_mark_or_not_as_utf8(tmp_path):
+  (tmp_path / 'clip').mkdir()
+  cv2.imwrite(str(tmp_path / 'clip' / '1.png'), np.zeros((8, 8, 3), np.uint8))
+  (tmp_path / 'bom.txt').write_bytes('\ufeffclip 1 0\r\n'.encode())  # Windows Notepad's UTF-8
+  assert clip_list.ClipListSource(str(tmp_path / 'bom.txt')).listed_folders == ['clip']
+  (tmp_path / 'latin1.txt').write_bytes('clip 1 0\n# caf\xe9\n'.encode('latin-1'))
+  with pytest.raises(ValueError, match=r'latin1.txt:2: not UTF-8 text \(invalid continuation byte\); save the clip'):
+    clip_list.ClipListSource(str(tmp_path / 'latin1.txt'))

@@ -27,6 +27,7 @@ import os
 
 import numpy as np
 
+from dferjax.data import image_list
 from tfds_builders.labels import CLASS_NAMES
 
 NAME = 'clip_list'  # config.dataset.name; no '/', so it never reads as a TFDS '<dataset>/<config>' name
@@ -66,16 +67,7 @@ def parse_line(text: str, where: str, labels: dict[str, int]) -> tuple[str, int 
 
 def read_list(list_file: str, labels: dict[str, int]) -> list[tuple[int, str, int | None, int]]:
   """(line number, clip folder as written, listed frame count or None, label) of every clip line."""
-  if not os.path.isfile(list_file):
-    raise FileNotFoundError(f'clip list {list_file} does not exist')
-  entries = []
-  with open(list_file, encoding='utf-8') as f:
-    for line_number, text in enumerate(f, 1):
-      if parsed := parse_line(text, f'{list_file}:{line_number}', labels):
-        entries.append((line_number, *parsed))
-  if not entries:
-    raise ValueError(f'clip list {list_file} lists no clips')
-  return entries
+  return image_list.parsed_lines(list_file, lambda text, where: parse_line(text, where, labels), 'clip')
 
 
 class FrameFiles:

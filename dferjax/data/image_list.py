@@ -52,20 +52,32 @@ def parse_line(text: str, where: str, label_order: str) -> tuple[str, int] | Non
   return columns[0], label_map[columns[-1]]
 
 
+def parsed_lines(list_file: str, parse, kind: str) -> list[tuple]:
+  """(line number, *parse(text, 'file:line')) of every line of a list file that `parse` does not skip (None for a
+  blank or comment line); `kind` ('image', 'clip') names what is listed in the errors. UTF-8, with or without a
+  byte-order mark (a list saved by a Windows editor)."""
+  if not os.path.isfile(list_file):
+    raise FileNotFoundError(f'{kind} list {list_file} does not exist')
+  entries = []
+  with open(list_file, 'rb') as f:
+    for number, line in enumerate(f, 1):
+      try:
+        text = line.decode('utf-8-sig' if number == 1 else 'utf-8')
+      except UnicodeDecodeError as error:
+        raise ValueError(f'{list_file}:{number}: not UTF-8 text ({error.reason}); save the {kind} list as '
+                         'UTF-8') from None
+      if parsed := parse(text, f'{list_file}:{number}'):
+        entries.append((number, *parsed))
+  if not entries:
+    raise ValueError(f'{kind} list {list_file} lists no {kind}s')
+  return entries
+
+
 def read_list(list_file: str, label_order: str) -> list[tuple[int, str, int]]:
   """(line number, image path as written, label) of every image line of `list_file`."""
   if label_order not in LABEL_MAPS:
     raise ValueError(f'config.dataset.label_order={label_order!r} not in {sorted(LABEL_MAPS)}')
-  if not os.path.isfile(list_file):
-    raise FileNotFoundError(f'image list {list_file} does not exist')
-  entries = []
-  with open(list_file, encoding='utf-8') as f:
-    for line_number, text in enumerate(f, 1):
-      if parsed := parse_line(text, f'{list_file}:{line_number}', label_order):
-        entries.append((line_number, *parsed))
-  if not entries:
-    raise ValueError(f'image list {list_file} lists no images')
-  return entries
+  return parsed_lines(list_file, lambda text, where: parse_line(text, where, label_order), 'image')
 
 
 class ImageListSource:
