@@ -1,7 +1,8 @@
 """One row per clip of an evaluated split, written by `dferjax.evaluate` for every model: the clip, its label, the
-prediction and the class probabilities (softmax of the logits, in `CLASS_NAMES` order), for error analysis, per-clip
-comparisons of two models (e.g. McNemar's test) or ensembles; plus the per-clip outputs a model declares, such as
-CEFLNet's salient snippet (its Fig. 3) and the frames that snippet holds, so a user can look at what it chose.
+prediction and the class probabilities (softmax of the logits, in `config.class_names` order), for error
+analysis, per-clip comparisons of two models (e.g. McNemar's test) or ensembles; plus the per-clip outputs a model
+declares, such as CEFLNet's salient snippet (its Fig. 3) and the frames that snippet holds, so a user can look at
+what it chose.
 
 A model names such aux outputs in its `clip_outputs` ClassVar, {aux name: kind}:
 - 'value': written as it is (a number or a list);
