@@ -1,0 +1,127 @@
+"""Compares models clip by clip on one split, from the per-clip files `dferjax.evaluate` writes
+(<workdir>/clips_<split>_step<N>.jsonl): each model's table, the ensemble that averages their class
+probabilities, and for each pair McNemar's exact test, which asks whether the clips only one of the two gets
+right lean to one side more than chance allows (the test for two classifiers on one test set).
+
+    python -m dferjax.evaluate --workdir runs/stt_dfew_fold1     # writes runs/stt_dfew_fold1/clips_test_step<N>.jsonl
+    python -m dferjax.evaluate --workdir runs/est_dfew_fold1
+    python -m dferjax.compare runs/stt_dfew_fold1/clips_test_step*.jsonl runs/est_dfew_fold1/clips_test_step*.jsonl
+
+The files must hold the same clips (in any order) with the same labels: the same split of the same dataset. The
+class names come from the runs' configs beside the files.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+
+from absl import app, flags
+import numpy as np
+
+from dferjax import cli
+
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the traceback of an expected error (else one message).')
+
+
+def read_clips(path: str) -> list[dict]:
+  """The rows of one per-clip file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} does not exist (python -m dferjax.evaluate --workdir <run> writes '
+                            '<run>/clips_<split>_step<N>.jsonl)')
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  if not rows:
+    raise ValueError(f'{path} holds no clips')
+  if missing := {'clip_id', 'label', 'probabilities'} - set(rows[0]):
+    raise ValueError(f'{path}: rows lack {sorted(missing)} (a file written before evaluate wrote every model\'s '
+                     'probabilities? evaluate the run again)')
+  return rows
+
+
+def aligned(files: dict[str, list[dict]]) -> dict[str, list[dict]]:
+  """Every file's rows in the first file's clip order; the files must hold the same clips with the same labels
+  (any order: a file of each run of one split)."""
+  (first_path, first), *_ = files.items()
+  result = {}
+  for path, rows in files.items():
+    by_id = {}
+    for line, row in enumerate(rows, 1):
+      if row['clip_id'] in by_id:
+        raise ValueError(f'{path}:{line}: clip {row["clip_id"]!r} is listed twice')
+      by_id[row['clip_id']] = row
+    if missing := [row['clip_id'] for row in first if row['clip_id'] not in by_id]:
+      raise ValueError(f'{path} lacks {len(missing)} clips of {first_path} (first: {missing[0]!r}): compare files '
+                       'of one split')
+    if len(by_id) != len(first):
+      extra = next(clip_id for clip_id in by_id if clip_id not in {row['clip_id'] for row in first})
+      raise ValueError(f'{path} holds {len(by_id) - len(first)} clips more than {first_path} (first: {extra!r}): '
+                       'compare files of one split')
+    for row in first:
+      if by_id[row['clip_id']]['label'] != row['label']:
+        raise ValueError(f'clip {row["clip_id"]!r} is labelled {by_id[row["clip_id"]]["label"]} in {path}, '
+                         f'{row["label"]} in {first_path}: compare files of one split of one dataset')
+    result[path] = [by_id[row['clip_id']] for row in first]
+  return result
+
+
+def mcnemar_exact(only_first: int, only_second: int) -> float:
+  """Two-sided exact McNemar p-value: of the n clips exactly one model gets right, `only_first` went to the
+  first; under the null each such clip is a fair coin, so p = 2 P(Binomial(n, 1/2) <= min), at most 1."""
+  n = only_first + only_second
+  if n == 0:
+    return 1.0
+  tail = sum(math.comb(n, k) for k in range(min(only_first, only_second) + 1)) / 2 ** n
+  return min(1.0, 2 * tail)
+
+
+def scores(labels: np.ndarray, probabilities: np.ndarray, class_names) -> dict:
+  from dferjax import metrics  # pylint: disable=import-outside-toplevel
+  confusion = np.zeros((len(class_names),) * 2, np.int64)
+  np.add.at(confusion, (labels, probabilities.argmax(-1)), 1)
+  return metrics.recall_metrics(confusion, class_names, allow_empty=True)
+
+
+def row_name(path: str) -> str:
+  """'stt_dfew_fold1 clips_test_step840' for runs/stt_dfew_fold1/clips_test_step840.jsonl."""
+  run = os.path.basename(os.path.dirname(os.path.abspath(path)))
+  return f'{run} {os.path.splitext(os.path.basename(path))[0]}'
+
+
+def compare(paths: list[str]) -> str:
+  """The comparison's text: the table (each file, then the ensemble) and McNemar's test per pair."""
+  from dferjax import reports  # pylint: disable=import-outside-toplevel
+  if len(paths) < 2:
+    raise ValueError('give two or more per-clip files to compare')
+  files = aligned({path: read_clips(path) for path in paths})
+  class_names = reports.class_names_of(sorted({os.path.dirname(os.path.abspath(path)) for path in paths}))
+  labels = np.array([row['label'] for row in files[paths[0]]])
+  probabilities = {path: np.array([row['probabilities'] for row in rows]) for path, rows in files.items()}
+  for path, values in probabilities.items():
+    if values.shape != (len(labels), len(class_names)):
+      raise ValueError(f'{path}: probabilities of shape {values.shape}, expected {len(labels)} clips x '
+                       f'{len(class_names)} classes {class_names}')
+  names = {path: row_name(path) for path in paths}
+  if len(set(names.values())) < len(paths):
+    names = {path: path for path in paths}
+  table = {names[path]: scores(labels, values, class_names) for path, values in probabilities.items()}
+  ensemble = np.mean(list(probabilities.values()), axis=0)
+  table[f'ensemble (mean of {len(paths)})'] = scores(labels, ensemble, class_names)
+  lines = [f'{len(labels)} clips, {len(paths)} models:', reports.format_results_table(table, class_names,
+                                                                                      with_mean=False), '']
+  right = {path: values.argmax(-1) == labels for path, values in probabilities.items()}
+  for first, second in itertools.combinations(paths, 2):
+    only_first = int(np.sum(right[first] & ~right[second]))
+    only_second = int(np.sum(~right[first] & right[second]))
+    lines.append(f'{names[first]} vs {names[second]}: right only in the first {only_first} clips, only in the '
+                 f'second {only_second}; exact McNemar p = {mcnemar_exact(only_first, only_second):.3g}')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  cli.run(lambda: print(compare(argv[1:])), verbose=_VERBOSE.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,93 @@
+"""dferjax.compare: per-clip files of several runs -> each run's table, the probability-averaging ensemble and
+McNemar's exact test per pair, checked against numpy and scipy; files of different splits refused."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dferjax import compare, metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = ('calm', 'tense', 'amused')
+
+
+def write_run(root, name, labels, probabilities, class_names=NAMES, clip_ids=None):
+  (root / name).mkdir()
+  (root / name / 'config.json').write_text(json.dumps({'class_names': list(class_names)}))
+  path = root / name / 'clips_test_step10.jsonl'
+  clip_ids = clip_ids or [f'{i:05d}' for i in range(len(labels))]
+  path.write_text(''.join(json.dumps({'clip_id': clip_id, 'label': int(label), 'prediction': int(p.argmax()),
+                                      'probabilities': p.tolist()}) + '\n'
+                          for clip_id, label, p in zip(clip_ids, labels, probabilities)))
+  return str(path)
+
+
+def test_mcnemar_exact_against_the_binomial_test():
+  scipy_stats = pytest.importorskip('scipy.stats')
+  assert compare.mcnemar_exact(1, 9) == pytest.approx(2 * (1 + 10) / 1024)  # the textbook case, n = 10
+  assert compare.mcnemar_exact(0, 0) == 1.0 and compare.mcnemar_exact(5, 5) == 1.0
+  for only_first, only_second in ((3, 12), (12, 3), (40, 25), (0, 7)):
+    reference = scipy_stats.binomtest(only_first, only_first + only_second, 0.5).pvalue
+    assert compare.mcnemar_exact(only_first, only_second) == pytest.approx(reference, rel=1e-12)
+
+
+def test_tables_ensemble_and_pairs_against_numpy(tmp_path):
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, 60)
+  runs = [rng.dirichlet(np.ones(3), 60) + 0.8 * np.eye(3)[labels] * (rng.random((60, 1)) < skill)
+          for skill in (0.7, 0.4)]
+  runs = [p / p.sum(-1, keepdims=True) for p in runs]
+  paths = [write_run(tmp_path, name, labels, p) for name, p in zip(('a', 'b'), runs)]
+  text = compare.compare(paths)
+
+  def expected_row(name, probabilities):
+    confusion = np.zeros((3, 3), np.int64)
+    np.add.at(confusion, (labels, probabilities.argmax(-1)), 1)
+    result = metrics.recall_metrics(confusion, NAMES)
+    cells = [f'{100 * result["per_class"][c]:.2f}' for c in NAMES] + [f'{100 * result["uar"]:.2f}',
+                                                                        f'{100 * result["war"]:.2f}']
+    return [name, *cells]
+
+  rows = [[cell.strip() for cell in line.strip('|').split('|')] for line in text.splitlines() if line.startswith('| ')]
+  assert rows[0] == ['', *NAMES, 'UAR', 'WAR']
+  assert rows[1] == expected_row('a clips_test_step10', runs[0])
+  assert rows[2] == expected_row('b clips_test_step10', runs[1])
+  assert rows[3] == expected_row('ensemble (mean of 2)', (runs[0] + runs[1]) / 2)
+  right = [p.argmax(-1) == labels for p in runs]
+  only_a, only_b = int(np.sum(right[0] & ~right[1])), int(np.sum(~right[0] & right[1]))
+  assert (f'a clips_test_step10 vs b clips_test_step10: right only in the first {only_a} clips, only in the '
+          f'second {only_b}; exact McNemar p = {compare.mcnemar_exact(only_a, only_b):.3g}') in text
+  assert text.startswith('60 clips, 2 models:')
+
+
+def test_files_of_different_splits_or_classes_are_refused(tmp_path):
+  labels, probabilities = np.array([0, 1, 2]), np.eye(3)
+  a = write_run(tmp_path, 'a', labels, probabilities)
+  with pytest.raises(ValueError, match=r"b/clips_test_step10.jsonl lacks 1 clips of .*a/clips_test_step10.jsonl "
+                                       r"\(first: '00001'\): compare files of one split"):
+    compare.compare([a, write_run(tmp_path, 'b', labels, probabilities, clip_ids=['00000', '00009', '00002'])])
+  with pytest.raises(ValueError, match=r"c/clips_test_step10.jsonl holds 1 clips more than .* \(first: '00003'\)"):
+    compare.compare([a, write_run(tmp_path, 'c', [*labels, 0], np.eye(3)[[0, 1, 2, 0]])])
+  with pytest.raises(ValueError, match=r"clip '00002' is labelled 1 in .*f/clips_test_step10.jsonl, 2 in"):
+    compare.compare([a, write_run(tmp_path, 'f', [0, 1, 1], probabilities)])
+  # Another order of the same clips is the same comparison.
+  shuffled = write_run(tmp_path, 'g', labels[::-1], probabilities[::-1], clip_ids=['00002', '00001', '00000'])
+  assert 'right only in the first 0 clips, only in the second 0; exact McNemar p = 1' in compare.compare([a, shuffled])
+  with pytest.raises(ValueError, match='the runs were trained with different classes'):
+    compare.compare([a, write_run(tmp_path, 'd', labels, probabilities, class_names=('x', 'y', 'z'))])
+  with pytest.raises(ValueError, match='two or more per-clip files'):
+    compare.compare([a])
+  with pytest.raises(FileNotFoundError, match='nope.jsonl does not exist'):
+    compare.compare([a, str(tmp_path / 'nope.jsonl')])
+  # The command: the table, or one line for an expected error.
+  e = write_run(tmp_path, 'e', labels, probabilities[[1, 1, 2]])
+  done = subprocess.run([sys.executable, '-m', 'dferjax.compare', a, e], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 0 and 'right only in the first 1 clips, only in the second 0; exact McNemar p = 1' in done.stdout
+  done = subprocess.run([sys.executable, '-m', 'dferjax.compare', a], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+      'error: give two or more per-clip files to compare'], done.stderr
