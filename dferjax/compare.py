@@ -6,6 +6,9 @@ right lean to one side more than chance allows (the test for two classifiers on 
     python -m dferjax.evaluate --workdir runs/stt_dfew_fold1     # writes runs/stt_dfew_fold1/clips_test_step<N>.jsonl
     python -m dferjax.evaluate --workdir runs/est_dfew_fold1
     python -m dferjax.compare runs/stt_dfew_fold1/clips_test_step*.jsonl runs/est_dfew_fold1/clips_test_step*.jsonl
+    # all five folds' test clips (the whole of DFEW) per model: each model's files joined by commas
+    python -m dferjax.compare $(ls runs/stt_dfew_fold?/clips_test_step*.jsonl | paste -sd,) \
+                              $(ls runs/est_dfew_fold?/clips_test_step*.jsonl | paste -sd,)
 
 The files must hold the same clips (in any order) with the same labels: the same split of the same dataset. The
 class names come from the runs' configs beside the files.
@@ -37,6 +40,20 @@ def read_clips(path: str) -> list[dict]:
   if missing := {'clip_id', 'label', 'probabilities'} - set(rows[0]):
     raise ValueError(f'{path}: rows lack {sorted(missing)} (a file written before evaluate wrote every model\'s '
                      'probabilities? evaluate the run again)')
+  return rows
+
+
+def read_model(spec: str) -> list[dict]:
+  """One model's rows: a per-clip file, or several joined by commas (one run per DFEW fold: each clip is in one
+  fold's test split, so the five test files together cover the dataset)."""
+  rows, source = [], {}
+  for path in spec.split(','):
+    for row in read_clips(path):
+      if row['clip_id'] in source:
+        raise ValueError(f'clip {row["clip_id"]!r} is in both {source[row["clip_id"]]} and {path}: join files of '
+                         'disjoint splits (the folds\' test splits)')
+      source[row['clip_id']] = path
+      rows.append(row)
   return rows
 
 
@@ -90,19 +107,22 @@ def row_name(path: str) -> str:
 
 
 def compare(paths: list[str]) -> str:
-  """The comparison's text: the table (each file, then the ensemble) and McNemar's test per pair."""
+  """The comparison's text: the table (each model, then the ensemble) and McNemar's test per pair. A path may
+  join several files with commas (`read_model`)."""
   from dferjax import reports  # pylint: disable=import-outside-toplevel
   if len(paths) < 2:
     raise ValueError('give two or more per-clip files to compare')
-  files = aligned({path: read_clips(path) for path in paths})
-  class_names = reports.class_names_of(sorted({os.path.dirname(os.path.abspath(path)) for path in paths}))
+  files = aligned({path: read_model(path) for path in paths})
+  class_names = reports.class_names_of(sorted({os.path.dirname(os.path.abspath(file)) for path in paths
+                                               for file in path.split(',')}))
   labels = np.array([row['label'] for row in files[paths[0]]])
   probabilities = {path: np.array([row['probabilities'] for row in rows]) for path, rows in files.items()}
   for path, values in probabilities.items():
     if values.shape != (len(labels), len(class_names)):
       raise ValueError(f'{path}: probabilities of shape {values.shape}, expected {len(labels)} clips x '
                        f'{len(class_names)} classes {class_names}')
-  names = {path: row_name(path) for path in paths}
+  names = {path: row_name(path.split(',')[0]) + (f' +{path.count(",")} files' if ',' in path else '')
+           for path in paths}
   if len(set(names.values())) < len(paths):
     names = {path: path for path in paths}
   table = {names[path]: scores(labels, values, class_names) for path, values in probabilities.items()}

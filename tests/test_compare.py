@@ -91,3 +91,27 @@ def test_files_of_different_splits_or_classes_are_refused(tmp_path):
                         timeout=120)
   assert done.returncode == 1 and done.stderr.strip().splitlines() == [
       'error: give two or more per-clip files to compare'], done.stderr
+
+
+def test_a_model_may_join_its_folds_files(tmp_path):
+  """Five folds' test files per model, joined with commas: the comparison over every clip once."""
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 3, 50)
+  a_probabilities, b_probabilities = rng.dirichlet(np.ones(3), 50), rng.dirichlet(np.ones(3), 50)
+  ids = [f'{i:05d}' for i in range(50)]
+  folds = np.arange(50) % 5
+  joined = {}
+  for model, probabilities in (('a', a_probabilities), ('b', b_probabilities)):
+    joined[model] = ','.join(write_run(tmp_path, f'{model}_fold{k + 1}', labels[folds == k], probabilities[folds == k],
+                                       clip_ids=[i for i, f in zip(ids, folds) if f == k]) for k in range(5))
+  whole = compare.compare([write_run(tmp_path, 'a', labels, a_probabilities, clip_ids=ids),
+                           write_run(tmp_path, 'b', labels, b_probabilities, clip_ids=ids)])
+  by_folds = compare.compare([joined['a'], joined['b']])
+  numbers = lambda text: [[cell.strip() for cell in line.strip('|').split('|')[1:]] for line in text.splitlines()
+                           if line.startswith('| ')]
+  assert numbers(by_folds) == numbers(whole)  # every row's per-class, UAR and WAR
+  assert by_folds.splitlines()[3].startswith('| a_fold1 clips_test_step10 +4 files ')
+  assert by_folds.splitlines()[-1].split(': ')[1:] == whole.splitlines()[-1].split(': ')[1:]  # McNemar's counts, p
+  first = joined['a'].split(',')[0]
+  with pytest.raises(ValueError, match=r"clip '00000' is in both .*a_fold1/clips_test_step10.jsonl and .*a_fold1/"):
+    compare.compare([f'{first},{first}', joined['b']])
