@@ -4,6 +4,7 @@ Runs without a built dataset (default: an in-memory source of synthetic JPEG cli
 size like the px112/px224 builds), or on a built one:
   python scripts/bench_input.py --out runs/bench_input.json
   python scripts/bench_input.py --data_dir data/tfds --dataset dfew/fold1 --split train --sizes 112
+  python scripts/bench_input.py --clip_list lists/set_1_train.txt --clip_root /data/DFEW --sizes 112  # no build
   python scripts/bench_input.py --quick            # < 1 minute
 For each (size, recipe) it measures
   loop       the pipeline's transforms in a plain single-threaded loop (+ np.stack batching): one core's work;
@@ -45,6 +46,8 @@ flags.DEFINE_integer('jpeg_quality', 90, 'JPEG quality of the synthetic frames.'
 flags.DEFINE_string('data_dir', '', 'TFDS data dir of a built dataset (else synthetic clips).')
 flags.DEFINE_string('dataset', 'dfew/fold1', 'Built dataset name, with --data_dir.')
 flags.DEFINE_string('split', 'train', 'Split of the built dataset.')
+flags.DEFINE_string('clip_list', '', 'A clip list file (dferjax/data/clip_list.py) to read instead: frame folders.')
+flags.DEFINE_string('clip_root', '', "With --clip_list: where its relative folders start ('': the list's folder).")
 flags.DEFINE_list('readers', [], 'Readers to compare, each threads:N (num_threads=N in this process) or '
                   'workers:N (num_workers=N processes); measured in turn, --repeats times.')
 flags.DEFINE_integer('eval_clips', 0, 'With --readers: clips of an evaluation split to time passes over (DFEW '
@@ -251,7 +254,11 @@ def main(argv):
   sampler = sampling.make_sampler(FLAGS.sampler)
   results = []
   for size in map(int, FLAGS.sizes):
-    if FLAGS.data_dir:
+    if FLAGS.clip_list:
+      from dferjax.data import clip_list  # pylint: disable=import-outside-toplevel
+      source = clip_list.ClipListSource(FLAGS.clip_list, FLAGS.clip_root)
+      source_name = f'clip list {FLAGS.clip_list} ({len(source)} clips)'
+    elif FLAGS.data_dir:
       from dferjax.data import datasets  # pylint: disable=import-outside-toplevel
       source = datasets.data_source(FLAGS.dataset, FLAGS.split, FLAGS.data_dir)
       source_name = f'{FLAGS.dataset}:{FLAGS.split} ({FLAGS.data_dir})'
@@ -274,7 +281,7 @@ def main(argv):
             source, sampler, recipe, size, FLAGS.batch_size, seconds, threads)
       if FLAGS.readers:
         row['readers'] = compare_readers(source, sampler, recipe, size, FLAGS.batch_size, seconds)
-      if FLAGS.readers and FLAGS.eval_clips and not FLAGS.data_dir and recipe == FLAGS.recipes[0]:
+      if FLAGS.readers and FLAGS.eval_clips and not (FLAGS.data_dir or FLAGS.clip_list) and recipe == FLAGS.recipes[0]:
         row['eval_passes'] = eval_passes(source, sampler, size, parse_readers())
       row['us_per_frame'] = stage_breakdown(source, sampler, recipe, size, FLAGS.batch_size,
                                             num_batches=2 if FLAGS.quick else 8)
