@@ -61,11 +61,18 @@ DEVICE_VARIABLES = ('CUDA_VISIBLE_DEVICES', 'XLA_PYTHON_CLIENT_MEM_FRACTION', 'X
                     'TPU_VISIBLE_CHIPS')
 
 
+# The variables that change how XLA computes (deterministic GPU kernels, TF32 matmuls, autotuning): a rerun that
+# should match bit for bit needs them too.
+NUMERICS_VARIABLES = ('XLA_FLAGS', 'JAX_DEFAULT_MATMUL_PRECISION', 'NVIDIA_TF32_OVERRIDE', 'LIBTPU_INIT_ARGS')
+
+
 def device_state() -> dict:
   devices = jax.devices()
   return {'backend': jax.default_backend(), 'device_kind': devices[0].device_kind, 'device_count': len(devices),
           'local_device_count': jax.local_device_count(), 'process_count': jax.process_count(),
-          'variables': {name: os.environ[name] for name in DEVICE_VARIABLES if name in os.environ}}
+          'variables': {name: os.environ[name] for name in DEVICE_VARIABLES if name in os.environ},
+          'numerics': {'default_matmul_precision': jax.config.jax_default_matmul_precision,
+                       **{name: os.environ[name] for name in NUMERICS_VARIABLES if name in os.environ}}}
 
 
 def files_fingerprint(path: pathlib.Path) -> str:

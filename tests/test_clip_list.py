@@ -160,8 +160,11 @@ def test_three_classes_of_ones_own_train_and_evaluate(dfew, tmp_path):
   assert reports.run_fold(workdir) == 3 and reports.class_names_of([workdir]) == names
   table = reports.format_results_table({'run': result}, reports.class_names_of([workdir]), with_mean=False)
   assert [cell.strip() for cell in table.splitlines()[0].split('|')[2:5]] == list(names)
-  environment = json.loads((workdir / 'environment.json').read_text())['runs'][-1]['dataset']
-  assert environment['lists']['test']['path'] == f'{tmp_path}/test.txt' and environment['lists']['test']['sha256']
+  environment = json.loads((workdir / 'environment.json').read_text())['runs'][-1]
+  lists = environment['dataset']['lists']
+  assert lists['test']['path'] == f'{tmp_path}/test.txt' and lists['test']['sha256']
+  # What changes XLA's numerics is recorded beside the devices (conftest sets XLA_FLAGS).
+  assert environment['devices']['numerics'] == {'default_matmul_precision': None, 'XLA_FLAGS': os.environ['XLA_FLAGS']}
   # evaluate --clip_list: the test list given by hand evaluates as the run's own test split did.
   listed = evaluate.evaluate_checkpoint(str(workdir), 'latest', clip_list=f'{tmp_path}/test.txt', clip_root=str(root))
   assert listed['confusion'] == result['confusion'] and listed['dataset'] == f'{tmp_path}/test.txt'
