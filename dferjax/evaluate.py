@@ -217,8 +217,8 @@ def run_command():
                          _CLIP_ROOT.value))
   else:
     names = reports.fold_names_from_configs(_FOLDS.value)  # from each run's config, not its position
-    print(reports.fold_report(_FOLDS.value, reports.class_names_of(_FOLDS.value), select_by=_SELECT_BY.value, last=_LAST.value,
-                              fold_names=names))
+    print(reports.fold_report(_FOLDS.value, reports.class_names_of(_FOLDS.value), select_by=_SELECT_BY.value,
+                              last=_LAST.value, fold_names=names))
 
 
 def on_what(result: dict) -> str:
