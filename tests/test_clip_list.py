@@ -78,16 +78,20 @@ def test_a_bad_list_fails_naming_each_kind_of_problem_and_its_first_line(dfew, t
   root, clips = dfew
   folder = lambda clip: f'DFEW/Clip/clip_224x224/{clip["clip_id"]}'
   (root / 'empty').mkdir(exist_ok=True)
+  (root / 'nested' / 'nested').mkdir(parents=True, exist_ok=True)
+  cv2.imwrite(str(root / 'nested' / 'nested' / '1.png'), np.zeros((8, 8, 3), np.uint8))
   lines = [f'{folder(clips[0])} {clips[0]["num_frames"]} 0', f'{folder(clips[1])} {clips[1]["num_frames"] + 1} 1',
-           'DFEW/Clip/clip_224x224/99999 10 2', 'empty 3', f'{folder(clips[2])} 5', f'{folder(clips[0])} 4']
+           'DFEW/Clip/clip_224x224/99999 10 2', 'empty 3', f'{folder(clips[2])} 5', f'{folder(clips[0])} 4',
+           'nested 1']
   (root / 'bad.txt').write_text('\n'.join(lines) + '\n')
   with pytest.raises(ValueError) as error:
     clip_list.ClipListSource(str(root / 'bad.txt'))
   message = str(error.value)
   assert f'relative folders start at {root}' in message
   assert f'1 x frame count, first: {root}/bad.txt:2: lists {clips[1]["num_frames"] + 1} frames' in message
-  assert f'1 x missing folder, first: {root}/bad.txt:3: clip folder {root}/DFEW/Clip/clip_224x224/99999' in message
-  assert f'1 x empty folder, first: {root}/bad.txt:4: clip folder {root}/empty holds no image files' in message
+  assert f'1 x missing clip folder, first: {root}/bad.txt:3: {root}/DFEW/Clip/clip_224x224/99999' in message
+  assert f'1 x empty clip folder (no image files), first: {root}/bad.txt:4: {root}/empty' in message
+  assert f'1 x frames one folder deeper (<clip>/<clip>/*.jpg: unpacked one level too deep?), first: {root}/bad.txt:7' in message
   assert f'1 x listed twice, first: {root}/bad.txt:6: clip {folder(clips[0])} is listed again (first at line 1)' in message
   (tmp_path / 'none.txt').write_text('# nothing\n')
   with pytest.raises(ValueError, match='lists no clips'):

@@ -85,14 +85,9 @@ class Scan:
 
   def add(self, split: str, clip_id: str, label: int, folder: pathlib.Path) -> None:
     """Append the clip in `folder`, or record it as skipped when the folder is missing or holds no images."""
-    if not folder.is_dir():
-      self.skipped.append((split, clip_id, MISSING_FOLDER))
-      return
-    frames = list_frames(folder)
-    if not frames:
-      inner = [entry for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith('.')]
-      nested = len(inner) == 1 and list_frames(pathlib.Path(inner[0].path))
-      self.skipped.append((split, clip_id, NESTED_FOLDER if nested else EMPTY_FOLDER))
+    frames, reason = clip_frames(folder)
+    if reason:
+      self.skipped.append((split, clip_id, reason))
       return
     self.splits.setdefault(split, []).append(ClipRef(clip_id, label, tuple(frames)))
 
@@ -131,6 +126,17 @@ def list_frames(folder: pathlib.Path) -> list[str]:
   names = [e.name for e in os.scandir(folder)
            if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES) and not e.name.startswith('.')]
   return [os.path.join(folder, name) for name in sorted(names, key=_natural_key)]
+
+
+def clip_frames(folder: pathlib.Path) -> tuple[list[str], str | None]:
+  """(the clip's frame paths, None), or ([], why there are none: MISSING_FOLDER, EMPTY_FOLDER, NESTED_FOLDER)."""
+  if not folder.is_dir():
+    return [], MISSING_FOLDER
+  if frames := list_frames(folder):
+    return frames, None
+  inner = [entry for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith('.')]
+  nested = len(inner) == 1 and list_frames(pathlib.Path(inner[0].path))
+  return [], NESTED_FOLDER if nested else EMPTY_FOLDER
 
 
 def require_dir(path: pathlib.Path, what: str, layout: str) -> None:

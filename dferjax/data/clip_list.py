@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import os
+import pathlib
 
 import numpy as np
 
@@ -109,18 +110,13 @@ class ClipListSource:
     first_line = {}
     for index, (_, folder, listed_count, _) in enumerate(entries):
       path = self.folder(index)
-      if not os.path.isdir(path):
-        names, problem = [], ('missing folder', f'{self.where(index)}: clip folder {path} does not exist')
-      else:
-        names = [os.path.basename(frame) for frame in common.list_frames(path)]
-        problem = None
-        if not names:
-          problem = ('empty folder', f'{self.where(index)}: clip folder {path} holds no image files '
-                     f'({", ".join(common.IMAGE_SUFFIXES)})')
-        elif listed_count is not None and listed_count != len(names):
-          problem = ('frame count', f'{self.where(index)}: lists {listed_count} frames, {path} holds {len(names)}')
-      if problem:
-        problems[problem[0]].append(problem[1])
+      frames, reason = common.clip_frames(pathlib.Path(path))  # the builders' reasons and frame order
+      names = [os.path.basename(frame) for frame in frames]
+      if reason:
+        problems[reason].append(f'{self.where(index)}: {path}')
+      elif listed_count is not None and listed_count != len(names):
+        problems['frame count'].append(f'{self.where(index)}: lists {listed_count} frames, {path} holds '
+                                       f'{len(names)}')
       first_line.setdefault(folder, index)
       if first_line[folder] != index:
         problems['listed twice'].append(f'{self.where(index)}: clip {folder} is listed again (first at line '
