@@ -134,7 +134,7 @@ def test_class_names_must_fit_num_classes_and_the_dataset():
   assert folded.dataset.clip_root == 'r4'
 
 
-def test_three_classes_of_ones_own_train_and_evaluate(dfew, tmp_path):
+def test_three_classes_of_ones_own_train_and_evaluate(dfew, tmp_path, capsys):
   """The synthetic clips of three classes, named 'calm', 'tense', 'amused' (labels by name in the lists); the six
   clips are both splits (this checks the plumbing, not generalisation)."""
   root, clips = dfew
@@ -151,6 +151,8 @@ def test_three_classes_of_ones_own_train_and_evaluate(dfew, tmp_path):
     config.num_epochs = 1
   workdir = tmp_path / 'run'
   result = train.train_and_evaluate(config, str(workdir))
+  assert (f'warning: 6 of the 6 clips of the test list are also in the train list (first: {root}/DFEW/Clip/'
+          f'clip_224x224/{mine[0]["clip_id"]}): the evaluation is not on held-out clips') in capsys.readouterr().out
   confusion = np.array(result['confusion'])
   assert confusion.shape == (3, 3)
   np.testing.assert_array_equal(confusion.sum(axis=1), [2, 2, 2])

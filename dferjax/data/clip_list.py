@@ -146,6 +146,12 @@ class ClipListSource:
     return f'ClipListSource({self.list_file!r}, {len(self)} clips, root {self.clip_root!r})'
 
 
+def shared_clips(train: ClipListSource, test: ClipListSource) -> list[str]:
+  """The test list's clip folders that the train list also names (after joining each to its root)."""
+  trained = {os.path.normpath(train.folder(i)) for i in range(len(train))}
+  return [test.folder(i) for i in range(len(test)) if os.path.normpath(test.folder(i)) in trained]
+
+
 def split_source(config, split: str) -> ClipListSource:
   """The source of `split` for `config.dataset` named 'clip_list' (fields: CONFIG_FIELDS), labelled by
   config.class_names."""

@@ -42,9 +42,15 @@ def data_sources(config: ml_collections.ConfigDict):
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices('synthetic dataset ready')
   train_source = split_source(config, config.dataset.train_split)
+  eval_source = split_source(config, config.dataset.eval_split)
   if jax.process_index() == 0:
     note_enlarged_frames(config, train_source)
-  return train_source, split_source(config, config.dataset.eval_split)
+    if config.dataset.name == clip_list.NAME and (shared := clip_list.shared_clips(train_source, eval_source)):
+      # A list of one's own split by hand: a test clip trained on makes the evaluation meaningless.
+      print(f'warning: {len(shared)} of the {len(eval_source)} clips of the {config.dataset.eval_split} list are '
+            f'also in the {config.dataset.train_split} list (first: {shared[0]}): the evaluation is not on '
+            'held-out clips', flush=True)
+  return train_source, eval_source
 
 
 def note_enlarged_frames(config: ml_collections.ConfigDict, source) -> None:
