@@ -106,6 +106,14 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
       result.update(dataset=dataset, split=split)
     result.update(clip_report.report(steps, state, config, reader,
                                      os.path.join(workdir, f'clips_{name}_step{chosen}'), predict))
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
+    from dferjax import plots  # pylint: disable=import-outside-toplevel  # matplotlib only here
+    result['confusion_plot'] = str(plots.plot_confusion_matrix(
+        np.asarray(result['confusion']), config.class_names, os.path.join(workdir, f'confusion_{name}_step{chosen}.png'),
+        title=f'{dataset if other_dataset else config.dataset.name} {split}, step {chosen}: '
+              f'UAR {100 * result["uar"]:.1f}% WAR {100 * result["war"]:.1f}%'))
   return result
 
 
@@ -211,7 +219,8 @@ def run_command():
                                        reports.class_names_of([_WORKDIR.value]),
                                        with_mean=False))
     if 'clip_report' in result:  # process 0
-      print(f'per clip: {result["clip_report"]}\n{result["clip_summary"]}')
+      print(f'per clip: {result["clip_report"]}\nconfusion matrix: {result["confusion_plot"]}\n'
+            f'{result["clip_summary"]}')
   elif _DATASET.value or _CLIP_LIST.value:
     print(evaluate_folds(_FOLDS.value, _DATASET.value, _STEP.value, _SPLIT.value, _DATA_DIR.value, _CLIP_LIST.value,
                          _CLIP_ROOT.value))

@@ -187,6 +187,8 @@ def test_evaluate_cli_reproduces_the_final_evaluation(tmp_path, data_dir):
   across = evaluate.evaluate_checkpoint(str(tmp_path), 'latest', data_dir=str(afew_data), dataset='afew/px32')
   assert (across['dataset'], across['split'], across['step']) == ('afew/px32', 'validation', again['step'])
   assert across['clip_report'] == str(tmp_path / f'clips_afew_px32_validation_step{again["step"]}.jsonl')
+  assert across['confusion_plot'] == str(tmp_path / f'confusion_afew_px32_validation_step{again["step"]}.png')
+  assert cv2.imread(across['confusion_plot']).shape[2] == 3  # a PNG that reads back
   confusion = np.array(across['confusion'])  # rows: the true classes, 2 clips each
   assert confusion.shape == (7, 7) and (confusion.sum(axis=1) == 2).all()
   assert across['war'] == across['uar'] == pytest.approx(np.trace(confusion) / 14)
