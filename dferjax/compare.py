@@ -15,17 +15,15 @@ class names come from the runs' configs beside the files.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
 import os
 
-from absl import app, flags
 import numpy as np
 
 from dferjax import cli
-
-_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the traceback of an expected error (else one message).')
 
 
 def read_clips(path: str) -> list[dict]:
@@ -37,7 +35,7 @@ def read_clips(path: str) -> list[dict]:
     rows = [json.loads(line) for line in f if line.strip()]
   if not rows:
     raise ValueError(f'{path} holds no clips')
-  if missing := {'clip_id', 'label', 'probabilities'} - set(rows[0]):
+  if missing := {'clip_id', 'label', 'prediction', 'probabilities'} - set(rows[0]):
     raise ValueError(f'{path}: rows lack {sorted(missing)} (a file written before evaluate wrote every model\'s '
                      'probabilities? evaluate the run again)')
   return rows
@@ -93,10 +91,10 @@ def mcnemar_exact(only_first: int, only_second: int) -> float:
   return min(1.0, 2 * tail)
 
 
-def scores(labels: np.ndarray, probabilities: np.ndarray, class_names) -> dict:
+def scores(labels: np.ndarray, predictions: np.ndarray, class_names) -> dict:
   from dferjax import metrics  # pylint: disable=import-outside-toplevel
   confusion = np.zeros((len(class_names),) * 2, np.int64)
-  np.add.at(confusion, (labels, probabilities.argmax(-1)), 1)
+  np.add.at(confusion, (labels, predictions), 1)
   return metrics.recall_metrics(confusion, class_names, allow_empty=True)
 
 
@@ -112,6 +110,8 @@ def compare(paths: list[str]) -> str:
   from dferjax import reports  # pylint: disable=import-outside-toplevel
   if len(paths) < 2:
     raise ValueError('give two or more per-clip files to compare')
+  if len(set(paths)) < len(paths):
+    raise ValueError(f'a file is given twice: {" ".join(paths)}')
   files = aligned({path: read_model(path) for path in paths})
   class_names = reports.class_names_of(sorted({os.path.dirname(os.path.abspath(file)) for path in paths
                                                for file in path.split(',')}))
@@ -125,12 +125,15 @@ def compare(paths: list[str]) -> str:
            for path in paths}
   if len(set(names.values())) < len(paths):
     names = {path: path for path in paths}
-  table = {names[path]: scores(labels, values, class_names) for path, values in probabilities.items()}
+  # Each model by its own predictions (the logits' argmax, as its evaluation counted them), the ensemble by the
+  # argmax of the mean probabilities.
+  predictions = {path: np.array([row['prediction'] for row in rows]) for path, rows in files.items()}
+  table = {names[path]: scores(labels, predictions[path], class_names) for path in paths}
   ensemble = np.mean(list(probabilities.values()), axis=0)
-  table[f'ensemble (mean of {len(paths)})'] = scores(labels, ensemble, class_names)
+  table[f'ensemble (mean of {len(paths)})'] = scores(labels, ensemble.argmax(-1), class_names)
   lines = [f'{len(labels)} clips, {len(paths)} models:', reports.format_results_table(table, class_names,
                                                                                       with_mean=False), '']
-  right = {path: values.argmax(-1) == labels for path, values in probabilities.items()}
+  right = {path: predictions[path] == labels for path in paths}
   for first, second in itertools.combinations(paths, 2):
     only_first = int(np.sum(right[first] & ~right[second]))
     only_second = int(np.sum(~right[first] & right[second]))
@@ -139,9 +142,15 @@ def compare(paths: list[str]) -> str:
   return '\n'.join(lines)
 
 
-def main(argv):
-  cli.run(lambda: print(compare(argv[1:])), verbose=_VERBOSE.value)
+def main(argv=None):
+  # argparse, not absl flags: importing this module next to dferjax.evaluate (which defines --verbose) stays legal.
+  parser = argparse.ArgumentParser(prog='python -m dferjax.compare', description=__doc__.split('\n\n')[0])
+  parser.add_argument('files', nargs='+', help='per-clip files (clips_<split>_step<N>.jsonl); a model\'s several '
+                      'files joined by commas')
+  parser.add_argument('--verbose', action='store_true', help='the traceback of an expected error (else one line)')
+  args = parser.parse_args(argv)
+  cli.run(lambda: print(compare(args.files)), verbose=args.verbose)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  main()

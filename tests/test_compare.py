@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from dferjax import compare, metrics
+from dferjax import compare, evaluate, metrics  # noqa: F401  # both, as in one pytest process: no flag clash
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ('calm', 'tense', 'amused')
@@ -80,6 +80,8 @@ def test_files_of_different_splits_or_classes_are_refused(tmp_path):
     compare.compare([a, write_run(tmp_path, 'd', labels, probabilities, class_names=('x', 'y', 'z'))])
   with pytest.raises(ValueError, match='two or more per-clip files'):
     compare.compare([a])
+  with pytest.raises(ValueError, match='a file is given twice'):
+    compare.compare([a, a])
   with pytest.raises(FileNotFoundError, match='nope.jsonl does not exist'):
     compare.compare([a, str(tmp_path / 'nope.jsonl')])
   # The command: the table, or one line for an expected error.
