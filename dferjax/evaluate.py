@@ -139,6 +139,9 @@ def retarget(config: ml_collections.ConfigDict, dataset: str) -> str:
   if tuple(config.class_names) != datasets.CLASS_NAMES:
     raise ValueError(f'--dataset {dataset}: the run was trained on the classes {tuple(config.class_names)}, '
                      f'{dataset} labels {datasets.CLASS_NAMES}')
+  if not config.dataset.get('data_dir'):
+    raise ValueError(f'--dataset {dataset}: the run read {config.dataset.name!r}, which names no TFDS data dir; give '
+                     '--data_dir (where scripts/build_dataset.py built it)')
   config.dataset.name = dataset
   if 'synthetic' in config.dataset:  # the demo's own data; the named dataset is read from config.dataset.data_dir
     del config.dataset['synthetic']

@@ -179,6 +179,14 @@ def test_three_classes_of_ones_own_train_and_evaluate(dfew, tmp_path, capsys):
     evaluate.evaluate_checkpoint(str(workdir), 'latest', dataset='afew/px32', clip_list=f'{tmp_path}/test.txt')
   with pytest.raises(ValueError, match=r'--split train: a --clip_list is one split'):
     evaluate.evaluate_checkpoint(str(workdir), 'latest', 'train', clip_list=f'{tmp_path}/test.txt')
+  seven = tmp_path / 'seven'  # the config of a 7-class clip-list run (the check comes before any restore)
+  seven.mkdir()
+  run_config = json.loads((workdir / 'config.json').read_text())
+  run_config.update(class_names=list(datasets.CLASS_NAMES), num_classes=7)
+  (seven / 'config.json').write_text(json.dumps(run_config))
+  with pytest.raises(ValueError, match=r"--dataset afew/px112: the run read 'clip_list', which names no TFDS data dir; "
+                                       r'give --data_dir'):
+    evaluate.evaluate_checkpoint(str(seven), 'latest', dataset='afew/px112')
   with pytest.raises(ValueError, match=r"the run was trained on the classes \('calm', 'tense', 'amused'\)"):
     evaluate.evaluate_checkpoint(str(workdir), 'latest', dataset='dfew/fold1_px32', data_dir=str(root / 'tfds'))
 
