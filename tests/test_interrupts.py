@@ -160,7 +160,8 @@ def test_run_folds_passes_sigterm_on_then_resumes_the_folds_at_once_each_on_its_
 
 def test_ctrl_c_stops_within_seconds_naming_the_last_checkpoint(tmp_path, data_dir):  # noqa: F811
   """Ctrl-C in a terminal reaches the whole process group: the trainer and its input worker processes."""
-  process = run_main(tmp_path, data_dir, '--config.num_epochs=30', '--config.input.num_workers=2', wait=False)
+  process = run_main(tmp_path, data_dir, '--config.num_epochs=30', '--config.input.num_workers=2', wait=False,
+                     as_from_a_terminal=True)
   deadline = time.time() + 300
   while not (tmp_path / 'checkpoints' / '3').is_dir():
     assert process.poll() is None, process.communicate()[0]

@@ -49,14 +49,25 @@ def tiny_config(data_dir, arg=None, **overrides):
   return config
 
 
-def run_main(workdir, data_dir, *extra, wait=True, file_size_limit_kib=None, compilation_cache=TEST_COMPILATION_CACHE):
+# A command typed in a terminal starts with SIGINT at its default. The tests themselves may not: a background job
+# of a non-interactive shell (`bash -c 'pytest ...' &`, as some CI runners start them) inherits SIGINT ignored, and
+# Python then leaves it ignored, so a Ctrl-C test would test nothing. This shim sets it back, then runs the command.
+AS_FROM_A_TERMINAL = [sys.executable, '-c', 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); '
+                      'signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT]); os.execvp(sys.argv[1], sys.argv[1:])']
+
+
+def run_main(workdir, data_dir, *extra, wait=True, file_size_limit_kib=None, compilation_cache=TEST_COMPILATION_CACHE,
+             as_from_a_terminal=False):
   """`python -m dferjax.main` on the tiny config; with `file_size_limit_kib` (bash's `ulimit -f`) a write past
   that size fails with EFBIG, as on a full disk (bash sets it: no Python runs between fork and exec). Such a run
-  needs a `compilation_cache` of its own: JAX would leave its entries there cut at the limit."""
+  needs a `compilation_cache` of its own: JAX would leave its entries there cut at the limit. With
+  `as_from_a_terminal`, SIGINT starts at its default (AS_FROM_A_TERMINAL)."""
   command = [sys.executable, '-m', 'dferjax.main', f'--config={TINY_CONFIG}', f'--workdir={workdir}',
              f'--config.dataset.data_dir={data_dir}', *extra, f'--compilation_cache={compilation_cache}']
   if file_size_limit_kib is not None:
     command = ['bash', '-c', f'ulimit -f {file_size_limit_kib} && exec "$@"', 'bash', *command]
+  if as_from_a_terminal:
+    command = [*AS_FROM_A_TERMINAL, *command]
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'JAX_PLATFORMS': 'cpu'}
   process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)  # its own process group, as a terminal gives a command
