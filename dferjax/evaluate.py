@@ -78,12 +78,13 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
     if split not in (None, 'test'):
       raise ValueError(f'--split {split}: a --clip_list is one split (its clips); leave --split out')
     dataset, split = clip_list, retarget_to_list(config, clip_list, clip_root)
-  other_dataset = bool(dataset) and dataset != config.dataset.name
-  if other_dataset and not clip_list:
+  elif dataset and dataset != config.dataset.name:
     reported_split = retarget(config, dataset)
     split = split or reported_split
-  elif not other_dataset:
+  else:
+    dataset = None  # the run's own
     environment.warn_if_dataset_changed(workdir, config)
+  other_dataset = dataset is not None
   checkpoints = checkpoint_lib.Checkpoints(workdir, best_metric=config.best_metric, read_only=True)
   try:
     chosen = choose_step(checkpoints, step, config, workdir)

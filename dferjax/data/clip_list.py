@@ -33,18 +33,18 @@ from tfds_builders.labels import CLASS_NAMES
 
 NAME = 'clip_list'  # config.dataset.name; no '/', so it never reads as a TFDS '<dataset>/<config>' name
 CONFIG_FIELDS = ('clip_lists', 'clip_root')
-# Former-DFER's and the datasets' own spellings of the seven default classes.
-_DEFAULT_ALIASES = {'happiness': 'happy', 'sadness': 'sad', 'anger': 'angry'}
 
 
 def label_map(class_names) -> dict[str, int]:
-  """Label text -> class index: '0'.., the names in lower case (and the default classes' other spellings)."""
+  """Label text -> class index: '0'.., the names in lower case (and, for the default classes, the other spellings
+  the builders accept: tfds_builders.common.EMOTION_LABELS)."""
   names = [str(name).lower() for name in class_names]
   if len(set(names)) != len(names):
     raise ValueError(f'config.class_names={tuple(class_names)} names a class twice')
   mapping = {**{str(i): i for i in range(len(names))}, **{name: i for i, name in enumerate(names)}}
   if tuple(names) == CLASS_NAMES:
-    mapping.update({alias: names.index(name) for alias, name in _DEFAULT_ALIASES.items()})
+    from tfds_builders import common  # pylint: disable=import-outside-toplevel  # imports tfds
+    mapping.update(common.EMOTION_LABELS)
   return mapping
 
 
