@@ -364,9 +364,13 @@ def test_workers_name_a_full_shared_memory(tmp_path):
   assert 'up to 10 batches at a time' in lines['REFUSED'] and 'about 23 MiB' in lines['REFUSED']
   assert '8 MiB free' in lines['REFUSED'] and '--shm-size' in lines['REFUSED']
   assert 'config.input.num_workers' in lines['REFUSED']
-  for name, cause in (('FAILED300000', 'exit code -7'), ('FAILED0', 'No space left on device')):
+  # With no room at all the workers usually cannot make their semaphores (ENOSPC); when a little comes free after
+  # the filler measured it (the previous workers' memory released late; 1 run in 3 here), they start and one dies
+  # of SIGBUS instead. Either way the message says /dev/shm is full.
+  for name, causes in (('FAILED300000', ('exit code -7',)), ('FAILED0', ('No space left on device', 'exit code -7'))):
     assert 'failed making batch 0: /dev/shm is full' in lines.get(name, ''), result.stdout + result.stderr
-    assert cause in lines[name] and '--shm-size' in lines[name] and 'disk refused' not in lines[name]
+    assert any(cause in lines[name] for cause in causes), lines[name]
+    assert '--shm-size' in lines[name] and 'disk refused' not in lines[name]
 
 
 def test_every_record_appears_once_per_epoch():
