@@ -2,10 +2,13 @@
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import cv2
 import grain
@@ -268,6 +271,50 @@ def test_worker_processes_make_the_same_batches():
       next(failing)
   failing.close()
 
+
+
+def signal_each_worker_as_it_starts(count: int):
+  """A thread that sends SIGTERM and SIGINT to each of the next `count` multiprocessing children the moment it
+  appears, while its interpreter is still starting (seconds before grain runs its worker_init_fn)."""
+
+  def watch():
+    signalled, deadline = set(), time.time() + 60
+    while len(signalled) < count and time.time() < deadline:
+      for child in multiprocessing.active_children():
+        if child.pid not in signalled:
+          os.kill(child.pid, signal.SIGTERM)
+          os.kill(child.pid, signal.SIGINT)
+          signalled.add(child.pid)
+      time.sleep(0.001)
+
+  watcher = threading.Thread(target=watch, daemon=True)
+  watcher.start()
+  return watcher
+
+
+def test_workers_signalled_while_starting_leave_the_signals_to_the_trainer():
+  """SLURM's SIGTERM reaches every process of the job step, Ctrl-C the terminal's group: a worker reached while it
+  starts must not die of it (it used to, and the run failed instead of saving), for training and evaluation."""
+  jpeg_source, _ = make_sources(num_clips=7, lengths=[20, 3, 30, 9, 16, 25, 12])
+  kwargs = dict(sampler='segments', image_size=16, batch_size=2, num_threads=2)
+  expected_train = take(pipeline.train_dataset(jpeg_source, augment='none', seed=0, **kwargs), 2)
+  expected_eval = list(pipeline.eval_batches(jpeg_source, **kwargs))
+  watcher = signal_each_worker_as_it_starts(4)
+  train = pipeline.train_iterator(jpeg_source, augment='none', seed=0, num_workers=2, **kwargs)
+  assert_batches_equal(expected_train, [next(train) for _ in range(2)])
+  evaluation = pipeline.EvalReader(jpeg_source, num_workers=2, **kwargs)
+  assert_batches_equal(expected_eval, list(evaluation))
+  watcher.join()
+  workers = multiprocessing.active_children()
+  assert len(workers) == 4 and all(worker.is_alive() for worker in workers)
+  for status in (open(f'/proc/{worker.pid}/status').read() for worker in workers if os.path.exists('/proc')):
+    ignored = int(re.search(r'SigIgn:\s*(\w+)', status)[1], 16)
+    assert ignored & (1 << (signal.SIGTERM - 1)) and ignored & (1 << (signal.SIGINT - 1))
+  # This thread has its signals back.
+  assert not signal.pthread_sigmask(signal.SIG_BLOCK, []) & {signal.SIGINT, signal.SIGTERM}
+  train.close()
+  evaluation.close()
+  assert not multiprocessing.active_children()
 
 
 def test_eval_reader_keeps_its_workers_and_repeats_the_same_pass():

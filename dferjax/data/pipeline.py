@@ -17,6 +17,7 @@ a seed and a step always give the same batch, whatever the thread or worker proc
     for batch in eval_batches(source, image_size=112, batch_size=64): ...  # 'mask' False on padding rows
     reader = EvalReader(source, image_size=112, batch_size=64, num_workers=8)  # for batch in reader: one pass
 """
+import contextlib
 import dataclasses
 import errno
 import json
@@ -407,6 +408,7 @@ class TrainIterator:
 
   def __init__(self, dataset: grain.IterDataset, start_batch: int, batch_size: int):
     self._iterator = iter(dataset)
+    self._started = False
     self._next_batch = start_batch
     self._batch_size = batch_size
 
@@ -414,7 +416,8 @@ class TrainIterator:
     return self
 
   def __next__(self):
-    batch = next_batch(self._iterator, f'batch {self._next_batch}')
+    batch = next_batch(self._iterator, f'batch {self._next_batch}', first=not self._started)
+    self._started = True
     self._next_batch += 1
     return batch
 
@@ -432,10 +435,34 @@ class TrainIterator:
 _WORKER_DIED = re.compile(r'Worker process was terminated unexpectedly with exit code (-?\d+)')
 
 
-def next_batch(iterator, description: str):
-  """next(iterator), saying in one line why when an input worker process died or could not start for it."""
+_SIGNALS_LEFT_TO_THE_TRAINER = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_held(hold: bool):
+  """While grain starts the worker processes (on the first next(), from threads it makes then): SIGINT and SIGTERM
+  blocked in this thread, so in those threads, so in the workers from their first instruction (a signal mask
+  survives fork and exec). A worker leaves both to the trainer (_leave_signals_to_the_trainer) only once its
+  interpreter has started, seconds after the spawn; one reached before that by SLURM's SIGTERM to every process
+  of the job step, or Ctrl-C to the terminal's group, would die of it and fail the run where the trainer saves.
+  Blocked, the signal waits in the worker until it is ignored. This thread has its mask back after the batch; a
+  signal for the trainer meanwhile is taken by another thread or on the way out of here, not lost."""
+  if not hold or not hasattr(signal, 'pthread_sigmask'):
+    yield
+    return
+  mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS_LEFT_TO_THE_TRAINER)
   try:
-    return next(iterator)
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def next_batch(iterator, description: str, *, first: bool = False):
+  """next(iterator), saying in one line why when an input worker process died or could not start for it.
+  `first`: the iterator's first batch, for which its worker processes (if any) start (_signals_held)."""
+  try:
+    with _signals_held(first):
+      return next(iterator)
   except (RuntimeError, OSError) as error:
     died = _WORKER_DIED.search(str(error))
     # A worker that wrote past the end of a full /dev/shm dies of SIGBUS (exit code -7); with no room left at
@@ -560,7 +587,8 @@ class EvalReader:
 
   def _next_from_workers(self):
     index = self._batches_read % self.num_batches
-    batch = next_batch(self._workers, f'evaluation batch {index + 1} of {self.num_batches}')
+    batch = next_batch(self._workers, f'evaluation batch {index + 1} of {self.num_batches}',
+                       first=not self._batches_read)
     self._batches_read += 1
     return batch
 
