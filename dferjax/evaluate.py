@@ -63,8 +63,8 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
                         clip_root: str = '') -> dict:
   """Restores one checkpoint of `workdir` (`choose_step`) and evaluates it on a split of the run's dataset, of
   `dataset` (another built one) or on the clips of the list file `clip_list`; returns the metrics. Runs whose
-  configs are equal share the jitted steps kept in `compiled` (one compilation for five folds evaluated on one
-  dataset)."""
+  configs are equal but for `init_from` share the jitted steps kept in `compiled` (one compilation for five folds
+  evaluated on one dataset)."""
   from dferjax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from dferjax import clip_report, train  # pylint: disable=import-outside-toplevel
   from dferjax.data import inputs  # pylint: disable=import-outside-toplevel
@@ -89,7 +89,11 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
   try:
     chosen = choose_step(checkpoints, step, config, workdir)
     compiled = {} if compiled is None else compiled
-    if (key := config.to_json(sort_keys=True)) not in compiled:
+    # Runs that differ only in where their training started (init_from: AEN's guide of each fold, a DFEW run for
+    # AFEW) compile the same steps: the weights are the checkpoint's.
+    key = json.dumps({name: value for name, value in config.to_dict().items() if name != 'init_from'},
+                     sort_keys=True, default=str)
+    if key not in compiled:
       steps = train.make_steps(config, steps_per_epoch=None)  # evaluation only: no optimizer
       compiled[key] = steps, clip_report.make_predict(steps, config)
     steps, predict = compiled[key]

@@ -170,7 +170,7 @@ def test_unknown_config_override_fails_naming_the_field(tmp_path, data_dir):
   assert code != 0 and "'lr'" in output
 
 
-def test_evaluate_cli_reproduces_the_final_evaluation(tmp_path, data_dir):
+def test_evaluate_cli_reproduces_the_final_evaluation(tmp_path, data_dir, monkeypatch):
   result = train.train_and_evaluate(tiny_config(data_dir, 'epochs=1'), str(tmp_path))
   from dferjax import evaluate
   again = evaluate.evaluate_checkpoint(str(tmp_path), 'latest')
@@ -208,9 +208,14 @@ def test_evaluate_cli_reproduces_the_final_evaluation(tmp_path, data_dir):
     shutil.copytree(tmp_path, folds_dir := tmp_path.parent / f'{tmp_path.name}_fold{fold}')
     run_config = json.loads((folds_dir / 'config.json').read_text())
     run_config['dataset']['name'] = f'dfew/fold{fold}_px32'
+    run_config['init_from']['workdir'] = f'runs/pretrained_fold{fold}'  # as AEN's per-fold guides differ
     (folds_dir / 'config.json').write_text(json.dumps(run_config))
     folds.append(str(folds_dir))
+  made, make_steps = [], train.make_steps
+  monkeypatch.setattr(train, 'make_steps', lambda *args, **kwargs: made.append(1) or make_steps(*args, **kwargs))
   table = evaluate.evaluate_folds(folds[::-1], 'afew/px32', 'latest', data_dir=str(afew_data))
+  assert len(made) == 1  # the five folds share one compilation
+  monkeypatch.undo()
   assert table.startswith('5 folds, --step latest on afew/px32 validation:'), table
   for row in ('fold1', 'fold5', 'mean'):
     assert re.search(rf'^\| {row} .*\| +{100 * across["uar"]:.2f} \| +{100 * across["war"]:.2f} \|$', table, re.M), table
