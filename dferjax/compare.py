@@ -12,6 +12,11 @@ right lean to one side more than chance allows (the test for two classifiers on 
 
 The files must hold the same clips (in any order) with the same labels: the same split of the same dataset. The
 class names come from the runs' configs beside the files.
+
+How sure each number is: a percentile bootstrap over the clips (`--bootstrap`, 1000 resamples by default) gives
+every row's UAR and WAR a 95 % interval, and each pair the interval of its UAR and WAR differences, from the
+same resamples for both models (paired), so that a gap in UAR, which McNemar's test does not address, has its
+own interval. One file alone gives its table with the intervals.
 """
 from __future__ import annotations
 
@@ -91,6 +96,46 @@ def mcnemar_exact(only_first: int, only_second: int) -> float:
   return min(1.0, 2 * tail)
 
 
+def bootstrap_draws(num_clips: int, resamples: int, seed: int, chunk: int = 200):
+  """The bootstrap's resamples, `chunk` at a time: int [<= chunk, num_clips] arrays of clip positions, each row
+  num_clips draws with replacement."""
+  rng = np.random.default_rng(seed)
+  for start in range(0, resamples, chunk):
+    yield rng.integers(0, num_clips, (min(chunk, resamples - start), num_clips))
+
+
+def bootstrap_scores(labels: np.ndarray, right: dict[str, np.ndarray], num_classes: int, *, resamples: int,
+                     seed: int) -> dict[str, np.ndarray]:
+  """{name: [resamples, 2] UAR and WAR (fractions)} of each model on the same resamples of the clips
+  (bootstrap_draws; `right[name]`: which clips it gets right). A class that a resample happens to leave out is
+  left out of its UAR, as in the table of a split without it. The draws are positions: the caller fixes the
+  clips' order (compare sorts them by id)."""
+  num_clips = len(labels)
+  one_hot = np.eye(num_classes)[labels]
+  values = {name: np.empty((resamples, 2)) for name in right}
+  start = 0
+  for draws in bootstrap_draws(num_clips, resamples, seed):
+    count = len(draws)
+    # times each clip is drawn, per resample: [count, num_clips]
+    weights = np.bincount((draws + num_clips * np.arange(count)[:, None]).ravel(),
+                          minlength=count * num_clips).reshape(count, num_clips).astype(np.float64)
+    support = weights @ one_hot
+    for name, correct_clips in right.items():
+      correct = weights @ (one_hot * correct_clips[:, None])
+      with np.errstate(invalid='ignore'):
+        recall = np.where(support > 0, correct / support, np.nan)
+      values[name][start:start + count, 0] = np.nanmean(recall, axis=1)
+      values[name][start:start + count, 1] = correct.sum(axis=1) / num_clips
+    start += count
+  return values
+
+
+def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+  """The percentile interval holding `level` of the values."""
+  low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+  return float(low), float(high)
+
+
 def scores(labels: np.ndarray, predictions: np.ndarray, class_names) -> dict:
   from dferjax import metrics  # pylint: disable=import-outside-toplevel
   confusion = np.zeros((len(class_names),) * 2, np.int64)
@@ -104,15 +149,21 @@ def row_name(path: str) -> str:
   return f'{run} {os.path.splitext(os.path.basename(path))[0]}'
 
 
-def compare(paths: list[str]) -> str:
-  """The comparison's text: the table (each model, then the ensemble) and McNemar's test per pair. A path may
-  join several files with commas (`read_model`)."""
+def compare(paths: list[str], *, bootstrap: int = 1000, seed: int = 0) -> str:
+  """The comparison's text: the table (each model, then the ensemble) and McNemar's test per pair; with
+  `bootstrap` resamples (0: none) 95 % intervals of every row's UAR and WAR and of each pair's differences. A path
+  may join several files with commas (`read_model`); one path gives its table alone."""
   from dferjax import reports  # pylint: disable=import-outside-toplevel
-  if len(paths) < 2:
-    raise ValueError('give two or more per-clip files to compare')
+  if not paths:
+    raise ValueError('give one or more per-clip files')
+  if bootstrap < 0:
+    raise ValueError(f'--bootstrap {bootstrap}: give a number of resamples >= 0 (0: no intervals)')
   if len(set(paths)) < len(paths):
     raise ValueError(f'a file is given twice: {" ".join(paths)}')
   files = aligned({path: read_model(path) for path in paths})
+  # One clip order for any file order or fold split (the bootstrap's draws follow it).
+  order = np.argsort([row['clip_id'] for row in files[paths[0]]], kind='stable')
+  files = {path: [rows[i] for i in order] for path, rows in files.items()}
   class_names = reports.class_names_of(sorted({os.path.dirname(os.path.abspath(file)) for path in paths
                                                for file in path.split(',')}))
   labels = np.array([row['label'] for row in files[paths[0]]])
@@ -128,17 +179,37 @@ def compare(paths: list[str]) -> str:
   # Each model by its own predictions (the logits' argmax, as its evaluation counted them), the ensemble by the
   # argmax of the mean probabilities.
   predictions = {path: np.array([row['prediction'] for row in rows]) for path, rows in files.items()}
-  table = {names[path]: scores(labels, predictions[path], class_names) for path in paths}
-  ensemble = np.mean(list(probabilities.values()), axis=0)
-  table[f'ensemble (mean of {len(paths)})'] = scores(labels, ensemble.argmax(-1), class_names)
-  lines = [f'{len(labels)} clips, {len(paths)} models:', reports.format_results_table(table, class_names,
-                                                                                      with_mean=False), '']
-  right = {path: predictions[path] == labels for path in paths}
-  for first, second in itertools.combinations(paths, 2):
+  rows = {names[path]: predictions[path] for path in paths}
+  if len(paths) > 1:
+    rows[f'ensemble (mean of {len(paths)})'] = np.mean(list(probabilities.values()), axis=0).argmax(-1)
+  table = {name: scores(labels, predicted, class_names) for name, predicted in rows.items()}
+  right = {name: predicted == labels for name, predicted in rows.items()}
+  extra_columns = None
+  if bootstrap:
+    resampled = bootstrap_scores(labels, right, len(class_names), resamples=bootstrap, seed=seed)
+    span = lambda values: '{:.2f}-{:.2f}'.format(*(100 * bound for bound in interval(values)))
+    extra_columns = {'UAR 95 %': [span(resampled[name][:, 0]) for name in rows],
+                     'WAR 95 %': [span(resampled[name][:, 1]) for name in rows]}
+  lines = [f'{len(labels)} clips, {len(paths)} model{"s" * (len(paths) > 1)}:',
+           reports.format_results_table(table, class_names, with_mean=False, extra_columns=extra_columns)]
+  if bootstrap:
+    lines.append(f'95 % intervals: percentile bootstrap over the clips, {bootstrap} resamples (seed {seed})'
+                 + ('; the pairs\' differences from the same resamples' if len(paths) > 1 else ''))
+  if len(paths) > 1:
+    lines.append('')
+  for first, second in itertools.combinations([names[path] for path in paths], 2):
     only_first = int(np.sum(right[first] & ~right[second]))
     only_second = int(np.sum(~right[first] & right[second]))
-    lines.append(f'{names[first]} vs {names[second]}: right only in the first {only_first} clips, only in the '
-                 f'second {only_second}; exact McNemar p = {mcnemar_exact(only_first, only_second):.3g}')
+    line = (f'{first} vs {second}: right only in the first {only_first} clips, only in the second {only_second}; '
+            f'exact McNemar p = {mcnemar_exact(only_first, only_second):.3g}')
+    if bootstrap:
+      gap = {metric: 100 * (table[first][metric] - table[second][metric]) for metric in ('uar', 'war')}
+      spans = {metric: interval(100 * (resampled[first][:, column] - resampled[second][:, column]))
+               for column, metric in enumerate(('uar', 'war'))}
+      line += '; first minus second: ' + ', '.join(
+          f'{metric.upper()} {gap[metric]:+.2f} (95 % {spans[metric][0]:+.2f} to {spans[metric][1]:+.2f})'
+          for metric in ('uar', 'war'))
+    lines.append(line)
   return '\n'.join(lines)
 
 
@@ -147,9 +218,12 @@ def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m dferjax.compare', description=__doc__.split('\n\n')[0])
   parser.add_argument('files', nargs='+', help='per-clip files (clips_<split>_step<N>.jsonl); a model\'s several '
                       'files joined by commas')
+  parser.add_argument('--bootstrap', type=int, default=1000, help='resamples of the clips for the 95 %% '
+                      'intervals (0: none)')
+  parser.add_argument('--seed', type=int, default=0, help='seed of the bootstrap\'s draws')
   parser.add_argument('--verbose', action='store_true', help='the traceback of an expected error (else one line)')
   args = parser.parse_args(argv)
-  cli.run(lambda: print(compare(args.files)), verbose=args.verbose)
+  cli.run(lambda: print(compare(args.files, bootstrap=args.bootstrap, seed=args.seed)), verbose=args.verbose)
 
 
 if __name__ == '__main__':

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -52,15 +53,74 @@ def test_tables_ensemble_and_pairs_against_numpy(tmp_path):
     return [name, *cells]
 
   rows = [[cell.strip() for cell in line.strip('|').split('|')] for line in text.splitlines() if line.startswith('| ')]
-  assert rows[0] == ['', *NAMES, 'UAR', 'WAR']
-  assert rows[1] == expected_row('a clips_test_step10', runs[0])
-  assert rows[2] == expected_row('b clips_test_step10', runs[1])
-  assert rows[3] == expected_row('ensemble (mean of 2)', (runs[0] + runs[1]) / 2)
+  assert rows[0] == ['', *NAMES, 'UAR', 'WAR', 'UAR 95 %', 'WAR 95 %']
+  columns = len(NAMES) + 3
+  assert rows[1][:columns] == expected_row('a clips_test_step10', runs[0])
+  assert rows[2][:columns] == expected_row('b clips_test_step10', runs[1])
+  assert rows[3][:columns] == expected_row('ensemble (mean of 2)', (runs[0] + runs[1]) / 2)
   right = [p.argmax(-1) == labels for p in runs]
   only_a, only_b = int(np.sum(right[0] & ~right[1])), int(np.sum(~right[0] & right[1]))
   assert (f'a clips_test_step10 vs b clips_test_step10: right only in the first {only_a} clips, only in the '
           f'second {only_b}; exact McNemar p = {compare.mcnemar_exact(only_a, only_b):.3g}') in text
   assert text.startswith('60 clips, 2 models:')
+  plain = compare.compare(paths, bootstrap=0)  # no intervals: the papers' columns and McNemar alone
+  assert [row[:columns] for row in rows] == [
+      [cell.strip() for cell in line.strip('|').split('|')] for line in plain.splitlines() if line.startswith('| ')]
+  assert plain.splitlines()[-1].endswith(f'p = {compare.mcnemar_exact(only_a, only_b):.3g}')
+
+
+def test_bootstrap_resamples_score_as_their_confusion_matrices():
+  """Every resample's UAR and WAR (one weighted product per chunk) equal metrics.recall_metrics on the confusion
+  matrix of that resample's clips, drawn with replacement; a class a resample leaves out is left out of its UAR."""
+  rng = np.random.default_rng(2)
+  labels = np.concatenate([rng.integers(0, 2, 40), [2]])  # class 2 has one clip: some resamples miss it
+  right = {'a': rng.random(41) < 0.7, 'b': rng.random(41) < 0.5}
+  values = compare.bootstrap_scores(labels, right, 3, resamples=450, seed=7)  # 3 chunks, the last partial
+  draws = np.concatenate(list(compare.bootstrap_draws(41, 450, seed=7)))
+  assert draws.shape == (450, 41) and len({tuple(row) for row in draws}) == 450
+  missing_class = 0
+  for name, correct in right.items():
+    assert values[name].shape == (450, 2)
+    for resample, positions in enumerate(draws):
+      predictions = np.where(correct[positions], labels[positions], (labels[positions] + 1) % 3)
+      confusion = np.zeros((3, 3), np.int64)
+      np.add.at(confusion, (labels[positions], predictions), 1)
+      with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        expected = metrics.recall_metrics(confusion, NAMES, allow_empty=True)
+      missing_class += not confusion[2].sum()
+      np.testing.assert_allclose(values[name][resample], [expected['uar'], expected['war']], rtol=1e-12)
+  assert 0 < missing_class < 2 * 450  # both cases met
+
+
+def test_bootstrap_intervals_have_the_binomial_width_and_pairs_share_resamples(tmp_path):
+  """WAR over n clips is a binomial proportion: the bootstrap's 95 % interval spans about 2 x 1.96 x
+  sqrt(p (1 - p) / n) around it. A model against itself differs by exactly 0 in every resample; the ensemble of a
+  model with itself is that model; the intervals depend on the seed, not on the files' clip order."""
+  rng = np.random.default_rng(3)
+  labels = rng.integers(0, 3, 2000)
+  probabilities = np.eye(3)[np.where(rng.random(2000) < 0.7, labels, (labels + 1) % 3)] * 0.5 + 0.5 / 3
+  a = write_run(tmp_path, 'a', labels, probabilities)
+  same = write_run(tmp_path, 'same', labels[::-1], probabilities[::-1],
+                   clip_ids=[f'{i:05d}' for i in range(2000)][::-1])
+  text = compare.compare([a, same], bootstrap=2000, seed=1)
+  rows = {line.split('|')[1].strip(): [cell.strip() for cell in line.strip('|').split('|')]
+          for line in text.splitlines() if line.startswith('| ')}
+  war = float(rows['a clips_test_step10'][-3]) / 100
+  low, high = (float(bound) / 100 for bound in rows['a clips_test_step10'][-1].split('-'))
+  assert low < war < high
+  assert high - low == pytest.approx(2 * 1.96 * np.sqrt(war * (1 - war) / 2000), rel=0.1)
+  assert rows['same clips_test_step10'][1:] == rows['a clips_test_step10'][1:]  # same clips after sorting by id
+  assert rows['ensemble (mean of 2)'][1:] == rows['a clips_test_step10'][1:]
+  assert text.splitlines()[-1].endswith('first minus second: UAR +0.00 (95 % +0.00 to +0.00), WAR +0.00 (95 % '
+                                        '+0.00 to +0.00)')
+  other_seed = compare.compare([a, same], bootstrap=2000, seed=2)
+  assert other_seed != text and other_seed.splitlines()[-1] == text.splitlines()[-1]
+  one = compare.compare([a], bootstrap=2000, seed=1)  # one model: its row and intervals alone
+  assert one.startswith('2000 clips, 1 model:') and 'ensemble' not in one and ' vs ' not in one
+  cells = lambda text: [[cell.strip() for cell in line.strip('|').split('|')] for line in text.splitlines()
+                         if line.startswith('| a ')]
+  assert cells(one) == cells(text)
 
 
 def test_files_of_different_splits_or_classes_are_refused(tmp_path):
@@ -78,8 +138,10 @@ def test_files_of_different_splits_or_classes_are_refused(tmp_path):
   assert 'right only in the first 0 clips, only in the second 0; exact McNemar p = 1' in compare.compare([a, shuffled])
   with pytest.raises(ValueError, match='the runs were trained with different classes'):
     compare.compare([a, write_run(tmp_path, 'd', labels, probabilities, class_names=('x', 'y', 'z'))])
-  with pytest.raises(ValueError, match='two or more per-clip files'):
-    compare.compare([a])
+  with pytest.raises(ValueError, match='one or more per-clip files'):
+    compare.compare([])
+  with pytest.raises(ValueError, match='--bootstrap -1: give a number of resamples >= 0'):
+    compare.compare([a], bootstrap=-1)
   with pytest.raises(ValueError, match='a file is given twice'):
     compare.compare([a, a])
   with pytest.raises(FileNotFoundError, match='nope.jsonl does not exist'):
@@ -89,10 +151,10 @@ def test_files_of_different_splits_or_classes_are_refused(tmp_path):
   done = subprocess.run([sys.executable, '-m', 'dferjax.compare', a, e], cwd=REPO, capture_output=True, text=True,
                         timeout=120)
   assert done.returncode == 0 and 'right only in the first 1 clips, only in the second 0; exact McNemar p = 1' in done.stdout
-  done = subprocess.run([sys.executable, '-m', 'dferjax.compare', a], cwd=REPO, capture_output=True, text=True,
-                        timeout=120)
+  done = subprocess.run([sys.executable, '-m', 'dferjax.compare', a, '--bootstrap', '-5'], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
   assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-      'error: give two or more per-clip files to compare'], done.stderr
+      'error: --bootstrap -5: give a number of resamples >= 0 (0: no intervals)'], done.stderr
 
 
 def test_a_model_may_join_its_folds_files(tmp_path):
