@@ -1,0 +1,323 @@
+"""Which frames, and which pixels in them, a trained run's prediction for a clip rests on: integrated gradients
+(Sundararajan, Taly and Yan, ICML 2017) of one class logit with respect to the clip the model sees.
+
+    python -m dferjax.explain --workdir runs/stt_dfew_fold1 --clips 00042,00107
+    python -m dferjax.explain --workdir runs/stt_dfew_fold1 --wrong 8      # the 8 most confident mistakes
+    python -m dferjax.explain --workdir runs/stt_dfew_fold1 --clips 00042 --baseline still --target label
+
+The clip is the one evaluation gives the model (the split's clip, the test sampler's frames, the clip transforms'
+evaluation draws), with the checkpoint evaluation uses (`--step`, best by default), in float32. For input value
+x_i and a baseline clip b, the attribution is (x_i - b_i) times the mean of d logit / d x_i over the straight
+path from b to x, taken at the midpoints of `--steps` equal intervals. The attributions add up to logit(x) -
+logit(b) (completeness); each clip's record gives both sides, and a gap of more than a few % asks for more steps.
+
+Baselines: 'black' (zeros) asks what in the clip makes the logit; 'still' (every sampled frame replaced by the
+clip's mean frame) asks what in its change over time does: the expression dynamics that DFER models exist for.
+`--target`: 'predicted' (default), 'label', or a class name.
+
+Writes to `--out` (default <workdir>/explain_<split>_step<N>): `<clip id>.png` (the frames, the heat of each
+pixel's attribution over them, each frame's share of the total), and `attributions.jsonl`, one line per clip:
+clip id, label, prediction, probabilities, target, the clip frames the sampler took, each frame's attribution
+(signed sum) and share (of the absolute attributions), and the completeness check. `--wrong N` reads the
+per-clip file that `python -m dferjax.evaluate` wrote for the same split and step.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+
+from dferjax import cli
+
+BASELINES = ('black', 'still')
+FRAMES_PER_ROW = 12
+
+
+class ExplainError(ValueError):
+  """A problem with the command's input, told in one line."""
+
+
+def integrated_gradients(gradient, video, baseline, *, steps: int, chunk: int = 8):
+  """Attributions [frames, height, width, 3] at `video` against `baseline` by the midpoint rule on `steps`
+  intervals. `gradient(video, baseline, alphas [k], weights [k])` sums weights_j * d logit / d x at the path points
+  baseline + alphas_j (video - baseline) (`path_gradient`); it is called with `chunk` points at a time, the last
+  call padded with zero-weight points, so that one shape compiles once."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  if steps < 1:
+    raise ExplainError(f'--steps {steps}: give at least 1')
+  if chunk < 1:
+    raise ExplainError(f'--chunk {chunk}: give at least 1')
+  video, baseline = jnp.asarray(video, jnp.float32), jnp.asarray(baseline, jnp.float32)
+  alphas = (np.arange(steps) + 0.5) / steps
+  chunk = min(chunk, steps)
+  total = jnp.zeros_like(video)
+  for start in range(0, steps, chunk):
+    points = alphas[start:start + chunk]
+    weights = np.zeros(chunk, np.float32)
+    weights[:len(points)] = 1
+    points = np.pad(points, (0, chunk - len(points)), constant_values=1.0).astype(np.float32)
+    total = total + gradient(video, baseline, jnp.asarray(points), jnp.asarray(weights))
+  return (video - baseline) * total / steps
+
+
+def path_gradient(logit_fn):
+  """The `gradient` of integrated_gradients for `logit_fn` (float [n, frames, height, width, 3] -> [n]), jitted."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  @jax.jit
+  def gradient(video, baseline, alphas, weights):
+    path = baseline[None] + alphas[:, None, None, None, None] * (video - baseline)[None]
+    return jax.grad(lambda points: (logit_fn(points) * weights).sum())(path).sum(axis=0)
+  return gradient
+
+
+def make_baseline(video: np.ndarray, name: str) -> np.ndarray:
+  """The baseline clip for `video` [frames, height, width, 3] in [0, 1]."""
+  if name == 'black':
+    return np.zeros_like(video)
+  if name == 'still':
+    return np.broadcast_to(video.mean(axis=0, keepdims=True), video.shape).copy()
+  raise ExplainError(f'--baseline {name!r}: expected one of {BASELINES}')
+
+
+class ModelLogits:
+  """The run's model in eval mode and float32, as (compiled once) functions of the clip's batch fields: all
+  logits of a batch of videos, and the path gradient of one class's logit (integrated_gradients). `fields`: the
+  clip's batch fields other than video, label and mask (EST's permutation), [1, ...], repeated for every video."""
+
+  def __init__(self, run):
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    from dferjax import train  # pylint: disable=import-outside-toplevel
+    model = run.steps.model
+    if 'dtype' in getattr(model, '__dataclass_fields__', {}):
+      model = model.clone(dtype=jnp.float32)
+    self._variables = {'params': run.state.params, 'batch_stats': run.state.batch_stats}
+
+    def logits(variables, fields, videos):
+      count = videos.shape[0]
+      inputs = train.model_inputs(model, {name: jnp.broadcast_to(value, (count, *value.shape[1:]))
+                                          for name, value in fields.items()})
+      return model.apply(variables, videos, **inputs, train=False)[0]
+
+    def gradient(variables, fields, target, video, baseline, alphas, weights):
+      path = baseline[None] + alphas[:, None, None, None, None] * (video - baseline)[None]
+      return jax.grad(lambda points: (logits(variables, fields, points)[:, target] * weights).sum())(path).sum(0)
+
+    self._logits, self._gradient = jax.jit(logits), jax.jit(gradient)
+
+  def logits(self, fields: dict, videos) -> np.ndarray:
+    return np.asarray(self._logits(self._variables, fields, videos))
+
+  def gradient(self, fields: dict, target: int):
+    return functools.partial(self._gradient, self._variables, fields, np.int32(target))
+
+
+def file_safe(name: str) -> str:
+  """A split's name as evaluate puts it in file names ('test[:50%]' -> 'test__50__')."""
+  return re.sub(r'[^\w-]', '_', name)
+
+
+def clips_file(workdir: str, split: str, step: int) -> str:
+  """The per-clip file `python -m dferjax.evaluate` writes for the run's own split at a step."""
+  return os.path.join(workdir, f'clips_{file_safe(split)}_step{step}.jsonl')
+
+
+def choose_clips(source, workdir: str, split: str, step: int, *, clip_ids: list[str],
+                 wrong: int) -> list[tuple[int, str]]:
+  """(position in the split, clip id) of the clips to explain: those named (found through the per-clip file of
+  this split and step when there is one, else by reading the split's clip ids), or the `wrong` most confident
+  mistakes of that file."""
+  path = clips_file(workdir, split, step)
+  rows = None
+  if os.path.isfile(path):
+    with open(path) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    if len(rows) != len(source):
+      rows = None  # another evaluation's file (the split changed): read the ids from the split itself
+  if wrong:
+    if rows is None:
+      raise ExplainError(f'--wrong needs {path}, the per-clip file of step {step} on {split}: run python -m '
+                         f'dferjax.evaluate --workdir {workdir} --step {step}' + (
+                             f' --split {split}' if split != 'test' else '') + ' first')
+    mistakes = [i for i, row in enumerate(rows) if row['prediction'] != row['label']]
+    mistakes.sort(key=lambda i: -max(rows[i]['probabilities']))
+    if not mistakes:
+      raise ExplainError(f'{path}: every clip is predicted right; name clips with --clips')
+    return [(i, rows[i]['clip_id']) for i in mistakes[:wrong]]
+  if rows is not None:
+    ids = [row['clip_id'] for row in rows]
+  else:
+    ids = [_text(source[i]['clip_id']) for i in range(len(source))]
+  positions = {clip_id: i for i, clip_id in enumerate(ids)}
+  if missing := [clip_id for clip_id in clip_ids if clip_id not in positions]:
+    raise ExplainError(f'{len(missing)} of the clips are not in the {split} split (first: {missing[0]!r}; its '
+                       f'clips are named like {ids[0]!r})')
+  return [(positions[clip_id], clip_id) for clip_id in clip_ids]
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def explain(workdir: str, *, clips: str = '', wrong: int = 0, split: str | None = None, step: str = 'best',
+            target: str = 'predicted', baseline: str = 'black', steps: int = 32, chunk: int = 8,
+            data_dir: str | None = None, out: str | None = None) -> list[dict]:
+  """The command: one record per clip (also written to `out`/attributions.jsonl) and its PNG."""
+  from dferjax import predict  # pylint: disable=import-outside-toplevel
+  from dferjax.data import inputs, pipeline, sampling  # pylint: disable=import-outside-toplevel
+  if bool(clips) == bool(wrong):
+    raise ExplainError('give --clips ID[,ID...] or --wrong N')
+  if wrong < 0:
+    raise ExplainError(f'--wrong {wrong}: give a number of clips >= 1')
+  if baseline not in BASELINES:
+    raise ExplainError(f'--baseline {baseline!r}: expected one of {BASELINES}')
+  run = predict.load_run(workdir, step)
+  config = run.config
+  if data_dir:
+    config.dataset.data_dir = data_dir
+  class_names = list(config.class_names)
+  if target not in ('predicted', 'label', *class_names):
+    raise ExplainError(f"--target {target!r}: expected 'predicted', 'label' or a class name of {class_names}")
+  split = split or config.dataset.eval_split
+  source = inputs.split_source(config, split)
+  chosen = choose_clips(source, workdir, split, run.step, clip_ids=[c for c in clips.split(',') if c], wrong=wrong)
+  positions = [position for position, _ in chosen]
+  sampler = sampling.make_sampler(config.input.sampler.to_dict())
+  clip_of = pipeline.EvalClip(source, np.asarray(positions, np.int64), sampler, config.input.image_size,
+                              transforms=pipeline.make_clip_transforms(config.input.transforms.to_dict()))
+  placed = 'shuffle_snippets' not in config.input.transforms  # else the model's slots are not in time order
+  out = out or os.path.join(workdir, f'explain_{file_safe(split)}_step{run.step}')
+  os.makedirs(out, exist_ok=True)
+  model = ModelLogits(run)
+  records = []
+  for k, (position, clip_id) in enumerate(chosen):
+    record = source[position]
+    if _text(record['clip_id']) != clip_id:  # the per-clip file is of another version of the split
+      raise ExplainError(f'{clips_file(workdir, split, run.step)} lists {clip_id!r} where the {split} split now '
+                         f'holds {_text(record["clip_id"])!r}: evaluate the run again (python -m dferjax.evaluate '
+                         f'--workdir {workdir} --step {run.step})')
+    fields = clip_of.map(k)
+    video = np.asarray(fields['video'], np.float32) / 255
+    extra = {name: np.asarray(value)[None] for name, value in fields.items()
+             if name not in ('video', 'label', 'mask')}
+    start = make_baseline(video, baseline)
+    logits, start_logits = model.logits(extra, np.stack([video, start]))
+    probabilities = np.exp(logits - logits.max())
+    probabilities /= probabilities.sum()
+    prediction, label = int(logits.argmax()), int(fields['label'])
+    target_class = {'predicted': prediction, 'label': label}.get(target)
+    if target_class is None:
+      target_class = class_names.index(target)
+    attributions = np.asarray(integrated_gradients(model.gradient(extra, target_class), video, start, steps=steps,
+                                                   chunk=chunk))
+    difference = float(logits[target_class] - start_logits[target_class])
+    per_frame = attributions.reshape(len(video), -1)
+    magnitude = np.abs(per_frame).sum(axis=1)
+    frames = (np.asarray(sampler(int(record['num_frames']), None)).reshape(-1).tolist() if placed else None)
+    result = {
+        'clip_id': _text(record['clip_id']), 'label': class_names[label], 'prediction': class_names[prediction],
+        'probabilities': {name: float(p) for name, p in zip(class_names, probabilities)},
+        'target': class_names[target_class], 'baseline': baseline, 'steps': steps, 'frames': frames,
+        'frame_attribution': per_frame.sum(axis=1).tolist(),
+        'frame_share': (magnitude / max(magnitude.sum(), 1e-30)).tolist(),
+        'completeness': {'attributions_sum': float(attributions.sum()), 'logit_difference': difference},
+    }
+    result['png'] = plot_attributions(result, video, attributions, os.path.join(out, f'{_file_name(result)}.png'))
+    records.append(result)
+  with open(os.path.join(out, 'attributions.jsonl'), 'w') as f:
+    f.writelines(json.dumps(record) + '\n' for record in records)
+  return records
+
+
+def frame_names(result: dict) -> list[str]:
+  """'frame 12' (1-based, as DFEW numbers its files) for each sampled frame, or 'slot k' where the clip transforms
+  reorder the frames."""
+  if result['frames']:
+    return [f'frame {index + 1}' for index in result['frames']]
+  return [f'slot {t + 1}' for t in range(len(result['frame_share']))]
+
+
+def _file_name(result: dict) -> str:
+  return re.sub(r'[^\w.-]', '_', result['clip_id'])
+
+
+def plot_attributions(result: dict, video: np.ndarray, attributions: np.ndarray, path: str) -> str:
+  """The PNG of one clip: each frame, under it the frame in grey with the heat of |attribution| summed over the
+  colour channels (one scale for the whole clip: its 99.5th percentile), and a bar per frame of its share."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  from dferjax import plots  # pylint: disable=import-outside-toplevel
+  num_frames = len(video)
+  columns = min(num_frames, FRAMES_PER_ROW)
+  rows = math.ceil(num_frames / columns)
+  heat = np.abs(attributions.sum(axis=-1))
+  scale = max(float(np.percentile(heat, 99.5)), 1e-30)
+  figure = Figure(figsize=(1.3 * columns + 0.6, 2.7 * rows + 1.8), dpi=plots.DPI)
+  FigureCanvasAgg(figure)
+  grid = figure.add_gridspec(2 * rows + 1, columns, height_ratios=[1] * (2 * rows) + [0.9])
+  names = frame_names(result)
+  for t in range(num_frames):
+    row, column = divmod(t, columns)
+    top = figure.add_subplot(grid[2 * row, column])
+    top.imshow(video[t])
+    top.set_title(names[t], fontsize=7)
+    bottom = figure.add_subplot(grid[2 * row + 1, column])
+    bottom.imshow(video[t].mean(axis=-1), cmap='gray', vmin=0, vmax=1)
+    bottom.imshow(np.clip(heat[t] / scale, 0, 1), cmap='inferno', alpha=0.6, vmin=0, vmax=1)
+    for axes in (top, bottom):
+      axes.set_xticks([])
+      axes.set_yticks([])
+  bars = figure.add_subplot(grid[2 * rows, :])
+  bars.bar(np.arange(1, num_frames + 1), 100 * np.asarray(result['frame_share']), color='tab:orange')
+  bars.set_xlim(0.5, num_frames + 0.5)
+  bars.set_xticks(np.arange(1, num_frames + 1), [name.split()[-1] for name in names], fontsize=7)
+  bars.set_xlabel('frame of the clip' if result['frames'] else "slot of the model's input")
+  bars.set_ylabel('share, %')
+  check = result['completeness']
+  figure.suptitle(f'{result["clip_id"]}: label {result["label"]}, predicted {result["prediction"]} '
+                  f'({100 * result["probabilities"][result["prediction"]]:.1f} %); attributions to the '
+                  f'{result["target"]} logit from a {result["baseline"]} clip (sum {check["attributions_sum"]:.3g}, '
+                  f'logit difference {check["logit_difference"]:.3g})', fontsize=8)
+  figure.tight_layout()
+  return str(plots._save(figure, path))  # pylint: disable=protected-access
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(prog='python -m dferjax.explain', description=__doc__.split('\n\n')[0])
+  parser.add_argument('--workdir', required=True, help='a dferjax run directory')
+  parser.add_argument('--clips', default='', help='clip ids of the split, joined by commas')
+  parser.add_argument('--wrong', type=int, default=0, help='explain the N most confident mistakes of the per-clip '
+                      'file of `python -m dferjax.evaluate` (same split and step)')
+  parser.add_argument('--split', help="the run's split (default: its evaluation split)")
+  parser.add_argument('--step', default='best', help="'best', 'latest' or a step number")
+  parser.add_argument('--target', default='predicted', help="'predicted', 'label' or a class name")
+  parser.add_argument('--baseline', default='black', help=f'one of {BASELINES}')
+  parser.add_argument('--steps', type=int, default=32, help='intervals of the path integral')
+  parser.add_argument('--chunk', type=int, default=8, help='path points per model call (memory)')
+  parser.add_argument('--data_dir', help='where the dataset is built, if not where the run read it')
+  parser.add_argument('--out', help='output directory (default: WORKDIR/explain_<split>_step<N>)')
+  parser.add_argument('--verbose', action='store_true', help='the traceback of an expected error (else one line)')
+  args = parser.parse_args(argv)
+  records = cli.run(lambda: explain(
+      args.workdir, clips=args.clips, wrong=args.wrong, split=args.split, step=args.step, target=args.target,
+      baseline=args.baseline, steps=args.steps, chunk=args.chunk, data_dir=args.data_dir, out=args.out),
+      verbose=args.verbose)
+  for record in records:
+    share = np.asarray(record['frame_share'])
+    top = np.argsort(-share)[:3]
+    names = [frame_names(record)[t] for t in top]
+    print(f'{record["clip_id"]}: label {record["label"]}, predicted {record["prediction"]}; '
+          f'most of the {record["target"]} logit from ' + ', '.join(
+              f'{name} ({100 * share[t]:.0f} %)' for name, t in zip(names, top)) + f' -> {record["png"]}')
+  return records
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

@@ -1,0 +1,128 @@
+"""dferjax.explain: integrated gradients against their closed forms (exact where the midpoint rule is, the rule's
+known error where it is not), then on tiny runs of STT and EST (its permutation input): the clip, prediction and
+probabilities that evaluation gives, attributions that add up to the logit difference, the sampler's frames, the
+PNG and the JSON lines, the most confident mistakes of evaluate's per-clip file, and one-line errors."""
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from dferjax import evaluate, explain
+from dferjax.data import build, datasets, sampling, synthetic
+from workdir_helpers import fails_in_one_line, tiny_workdir  # noqa: F401  (a fixture)
+
+
+def test_integrated_gradients_match_their_closed_forms():
+  rng = np.random.default_rng(0)
+  video = rng.random((3, 4, 4, 3)).astype(np.float32)
+  baseline = rng.random((3, 4, 4, 3)).astype(np.float32)
+  weights = rng.normal(size=(3, 4, 4, 3)).astype(np.float32)
+  linear = explain.path_gradient(lambda videos: (videos * weights).sum(axis=(1, 2, 3, 4)))
+  for steps, chunk in ((1, 8), (5, 2), (32, 8)):  # (5, 2): the last call padded with a zero-weight point
+    np.testing.assert_allclose(explain.integrated_gradients(linear, video, baseline, steps=steps, chunk=chunk),
+                               (video - baseline) * weights, rtol=1e-5, atol=1e-6)
+  # A quadratic's gradient is linear along the path: the midpoint rule is exact, IG_i = c (x_i^2 - b_i^2).
+  quadratic = explain.path_gradient(lambda videos: 0.7 * (videos ** 2).sum(axis=(1, 2, 3, 4)))
+  np.testing.assert_allclose(explain.integrated_gradients(quadratic, video, baseline, steps=3, chunk=2),
+                             0.7 * (video ** 2 - baseline ** 2), rtol=1e-5, atol=1e-6)
+  # A cubic from zero: IG_i = x_i^3, and the midpoint rule's mean of alpha^2 is 1/3 - 1/(12 n^2).
+  cubic = explain.path_gradient(lambda videos: (videos ** 3).sum(axis=(1, 2, 3, 4)))
+  for steps in (2, 7, 40):
+    np.testing.assert_allclose(explain.integrated_gradients(cubic, video, np.zeros_like(video), steps=steps),
+                               video ** 3 * (1 - 1 / (4 * steps ** 2)), rtol=1e-5)
+  with pytest.raises(explain.ExplainError, match='--steps 0'):
+    explain.integrated_gradients(linear, video, baseline, steps=0)
+
+
+def test_the_still_baseline_is_the_mean_frame():
+  video = np.random.default_rng(1).random((4, 2, 2, 3))
+  still = explain.make_baseline(video, 'still')
+  np.testing.assert_allclose(still, np.broadcast_to(video.mean(axis=0), video.shape))
+  assert not explain.make_baseline(video, 'black').any()
+  static = np.broadcast_to(video[:1], video.shape)  # a clip that does not change is its own still baseline
+  np.testing.assert_array_equal(explain.make_baseline(static, 'still'), static)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('synthetic_explain')
+  synthetic.write_dfew(str(root / 'manual'), clips_per_class=3, seed=2)
+  build.build('dfew', manual_dir=str(root / 'manual'), data_dir=str(root / 'tfds'), configs=['fold1_px32'],
+              show_progress=False)
+  return str(root / 'tfds')
+
+
+@pytest.mark.parametrize('model_name', ['stt', 'est'])
+def test_clips_explained_as_evaluation_sees_them(tmp_path, tiny_workdir, data_dir, model_name):  # noqa: F811
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(tiny_workdir(model_name), workdir)
+  evaluated = evaluate.evaluate_checkpoint(workdir, data_dir=data_dir)
+  rows = [json.loads(line) for line in open(evaluated['clip_report'])]
+  chosen = [rows[-1]['clip_id'], rows[0]['clip_id']]
+  records = explain.explain(workdir, clips=','.join(chosen), data_dir=data_dir, steps=32)
+  assert [record['clip_id'] for record in records] == chosen
+  by_id = {row['clip_id']: row for row in rows}
+  config = evaluate.load_run_config(workdir)
+  class_names = list(config.class_names)
+  source = datasets.data_source('dfew/fold1_px32', 'test', data_dir)
+  num_frames = {record['clip_id'].decode(): int(record['num_frames']) for record in source}
+  sampler = sampling.make_sampler(config.input.sampler.to_dict())
+  out = tmp_path / 'run' / f'explain_test_step{evaluated["step"]}'
+  for record in records:
+    row = by_id[record['clip_id']]
+    assert record['label'] == class_names[row['label']] and record['prediction'] == class_names[row['prediction']]
+    np.testing.assert_allclose(list(record['probabilities'].values()), row['probabilities'], rtol=1e-4, atol=1e-6)
+    assert record['target'] == record['prediction'] and record['baseline'] == 'black'
+    assert record['frames'] == sampler(num_frames[record['clip_id']], None).reshape(-1).tolist()
+    assert len(record['frame_share']) == len(record['frame_attribution']) == sampler.num_output_frames
+    assert sum(record['frame_share']) == pytest.approx(1, abs=1e-5) and min(record['frame_share']) >= 0
+    check = record['completeness']
+    assert check['attributions_sum'] == pytest.approx(sum(record['frame_attribution']), rel=1e-4, abs=1e-4)
+    if model_name == 'stt':  # its random weights move the logit by 0.2 between black and the clip
+      assert check['attributions_sum'] == pytest.approx(check['logit_difference'], rel=0.02), check
+    image = cv2.imread(record['png'])
+    assert record['png'] == str(out / f'{record["clip_id"]}.png') and image.shape[2] == 3
+  assert [json.loads(line) for line in open(out / 'attributions.jsonl')] == records
+
+  # Another target and the still baseline. From the clip's mean frame random weights move a logit by about 1e-3, so
+  # that kinks along the path weigh: completeness shows as the midpoint rule's error shrinking with more steps.
+  gaps = []
+  for steps in (16, 128):
+    record, = explain.explain(workdir, clips=chosen[0], data_dir=data_dir, target='label', baseline='still',
+                              steps=steps, out=str(tmp_path / 'label'))
+    assert record['target'] == record['label'] and record['baseline'] == 'still'
+    gaps.append(abs(record['completeness']['attributions_sum'] - record['completeness']['logit_difference']))
+  assert gaps[1] < gaps[0] / 3 and gaps[1] < 0.1 * abs(record['completeness']['logit_difference']), gaps
+
+  # The most confident mistakes of evaluate's file, most confident first.
+  mistakes = sorted((row for row in rows if row['prediction'] != row['label']),
+                    key=lambda row: -max(row['probabilities']))
+  assert len(mistakes) >= 2  # random weights
+  wrong = explain.explain(workdir, wrong=2, data_dir=data_dir, steps=8, out=str(tmp_path / 'wrong'))
+  assert [record['clip_id'] for record in wrong] == [row['clip_id'] for row in mistakes[:2]]
+
+  # A per-clip file that no longer matches the split (its clips in another order) is not trusted.
+  rows[0]['clip_id'], rows[1]['clip_id'] = rows[1]['clip_id'], rows[0]['clip_id']
+  with open(evaluated['clip_report'], 'w') as f:
+    f.writelines(json.dumps(row) + '\n' for row in rows)
+  with pytest.raises(explain.ExplainError, match=rf"lists '{rows[0]['clip_id']}' where the test split now holds "
+                                                 rf"'{rows[1]['clip_id']}': evaluate the run again"):
+    explain.explain(workdir, clips=rows[0]['clip_id'], data_dir=data_dir)
+
+
+def test_errors_are_one_line(tmp_path, capsys, tiny_workdir, data_dir):  # noqa: F811
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(tiny_workdir('stt'), workdir)
+  common = ['--workdir', workdir, '--data_dir', data_dir]
+  assert 'give --clips ID[,ID...] or --wrong N' in fails_in_one_line(capsys, explain.main, common)
+  assert "not in the test split (first: 'nope'" in fails_in_one_line(capsys, explain.main,
+                                                                      [*common, '--clips', 'nope'])
+  message = fails_in_one_line(capsys, explain.main, [*common, '--wrong', '3'])
+  assert '--wrong needs' in message and f'python -m dferjax.evaluate --workdir {workdir} --step 3 first' in message
+  assert "--target 'joy'" in fails_in_one_line(capsys, explain.main, [*common, '--clips', 'x', '--target', 'joy'])
+  assert "--baseline 'grey'" in fails_in_one_line(capsys, explain.main, [*common, '--clips', 'x', '--baseline',
+                                                                          'grey'])
+  assert 'a dferjax workdir?' in fails_in_one_line(capsys, explain.main, ['--workdir', str(tmp_path / 'none'),
+                                                                         '--clips', 'x'])
