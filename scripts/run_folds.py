@@ -36,8 +36,10 @@ def last_line(path: str) -> str:
   return lines[-1] if lines else '(no output)'
 
 
-def run_folds(folds: list[int], workdirs: list[str], commands: list[list[str]], gpus: list[str] | None) -> int:
-  """Trains the folds and returns 0, or the status to exit with.
+def run_folds(folds: list, workdirs: list[str], commands: list[list[str]], gpus: list[str] | None,
+              noun: str = 'fold') -> int:
+  """Trains the folds (or, for scripts/sweep.py, the runs named `folds`, each called a `noun` in the messages) and
+  returns 0, or the status to exit with.
 
   gpus None: one fold after another, its output here, on every device. gpus ['0', '1', ...]: each fold on one GPU
   (CUDA_VISIBLE_DEVICES), as many at once as `gpus` has entries; a GPU listed k times runs k folds, each held to
@@ -70,7 +72,7 @@ def run_folds(folds: list[int], workdirs: list[str], commands: list[list[str]], 
           if shares[gpu] > 1:
             env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', f'{0.9 / shares[gpu]:.2f}')
           output = open(log_path, 'a')  # pylint: disable=consider-using-with  # a resumed fold's output follows
-        print(f'fold {fold}: started' + (f' on GPU {gpu}, output in {log_path}' if gpu is not None else '') + ': '
+        print(f'{noun} {fold}: started' + (f' on GPU {gpu}, output in {log_path}' if gpu is not None else '') + ': '
               + ' '.join(command), flush=True)
         try:
           process = subprocess.Popen(command, env=env, stdout=output,
@@ -90,16 +92,17 @@ def run_folds(folds: list[int], workdirs: list[str], commands: list[list[str]], 
         running.remove(entry)
         slots.append(gpu)
         ending = 'done' if process.returncode == 0 else f'stopped (exit status {process.returncode})'
-        print(f'fold {fold}: {ending}' + (f': {last_line(log_path)}' if log_path else ''), flush=True)
+        print(f'{noun} {fold}: {ending}' + (f': {last_line(log_path)}' if log_path else ''), flush=True)
         if process.returncode != 0:
           failed.append((fold, process.returncode))
   finally:
     signal.signal(signal.SIGTERM, previous)
   if failed or pending:
     stopped = ', '.join(str(fold) for fold, _ in failed) or 'none'
-    not_started = f', fold(s) {", ".join(str(fold) for fold, _, _ in pending)} not started' if pending else ''
-    sys.stderr.write(f'run_folds: fold(s) {stopped} stopped{not_started}. Run the same command to resume (finished '
-                     'folds are only collected).\n')
+    not_started = f', {noun}(s) {", ".join(str(fold) for fold, _, _ in pending)} not started' if pending else ''
+    script = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    sys.stderr.write(f'{script}: {noun}(s) {stopped} stopped{not_started}. Run the same command to resume '
+                     f'(finished {noun}s are only collected).\n')
   return stop['status'] or (failed[0][1] if failed else 0)
 
 
