@@ -149,7 +149,7 @@ def row_name(path: str) -> str:
   return f'{run} {os.path.splitext(os.path.basename(path))[0]}'
 
 
-def compare(paths: list[str], *, bootstrap: int = 1000, seed: int = 0) -> str:
+def compare(paths: list[str], *, bootstrap: int = 1000, seed: int = 0, latex: bool = False) -> str:
   """The comparison's text: the table (each model, then the ensemble) and McNemar's test per pair; with
   `bootstrap` resamples (0: none) 95 % intervals of every row's UAR and WAR and of each pair's differences. A path
   may join several files with commas (`read_model`); one path gives its table alone."""
@@ -191,7 +191,8 @@ def compare(paths: list[str], *, bootstrap: int = 1000, seed: int = 0) -> str:
     extra_columns = {'UAR 95 %': [span(resampled[name][:, 0]) for name in rows],
                      'WAR 95 %': [span(resampled[name][:, 1]) for name in rows]}
   lines = [f'{len(labels)} clips, {len(paths)} model{"s" * (len(paths) > 1)}:',
-           reports.format_results_table(table, class_names, with_mean=False, extra_columns=extra_columns)]
+           reports.format_results_table(table, class_names, with_mean=False, extra_columns=extra_columns,
+                                        latex=latex)]
   if bootstrap:
     lines.append(f'95 % intervals: percentile bootstrap over the clips, {bootstrap} resamples (seed {seed})'
                  + ('; the pairs\' differences from the same resamples' if len(paths) > 1 else ''))
@@ -210,7 +211,7 @@ def compare(paths: list[str], *, bootstrap: int = 1000, seed: int = 0) -> str:
           f'{metric.upper()} {gap[metric]:+.2f} (95 % {spans[metric][0]:+.2f} to {spans[metric][1]:+.2f})'
           for metric in ('uar', 'war'))
     lines.append(line)
-  return '\n'.join(lines)
+  return reports.latex_comments('\n'.join(lines)) if latex else '\n'.join(lines)
 
 
 def main(argv=None):
@@ -221,9 +222,12 @@ def main(argv=None):
   parser.add_argument('--bootstrap', type=int, default=1000, help='resamples of the clips for the 95 %% '
                       'intervals (0: none)')
   parser.add_argument('--seed', type=int, default=0, help='seed of the bootstrap\'s draws')
+  parser.add_argument('--latex', action='store_true', help='the table as a LaTeX (booktabs) tabular, the other '
+                      'lines as comments')
   parser.add_argument('--verbose', action='store_true', help='the traceback of an expected error (else one line)')
   args = parser.parse_args(argv)
-  cli.run(lambda: print(compare(args.files, bootstrap=args.bootstrap, seed=args.seed)), verbose=args.verbose)
+  cli.run(lambda: print(compare(args.files, bootstrap=args.bootstrap, seed=args.seed, latex=args.latex)),
+          verbose=args.verbose)
 
 
 if __name__ == '__main__':

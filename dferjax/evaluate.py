@@ -46,6 +46,7 @@ _FOLDS = flags.DEFINE_list('folds', None, 'Workdirs of the 5 DFEW folds, to coll
 _SELECT_BY = flags.DEFINE_enum('select_by', 'war', ['war', 'uar'],
                                'Fold table: per fold, the epoch with the best test metric (the public repos\' protocol).')
 _LAST = flags.DEFINE_bool('last', False, 'Fold table: use the last epoch instead of the best.')
+_LATEX = flags.DEFINE_bool('latex', False, 'Print the tables as LaTeX (booktabs) tabulars, the other lines as comments.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Show the libraries' INFO logs and the traceback of an expected error "
                                '(else one message).')
 
@@ -123,7 +124,8 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
 
 
 def evaluate_folds(workdirs, dataset: str | None, step: str = 'best', split: str | None = None,
-                   data_dir: str | None = None, clip_list: str | None = None, clip_root: str = '') -> str:
+                   data_dir: str | None = None, clip_list: str | None = None, clip_root: str = '',
+                   latex: bool = False) -> str:
   """Each DFEW fold run's checkpoint evaluated on another dataset (or a clip list): the table with the mean and
   std over folds."""
   from dferjax import reports  # pylint: disable=import-outside-toplevel
@@ -133,7 +135,7 @@ def evaluate_folds(workdirs, dataset: str | None, step: str = 'best', split: str
     results[name] = evaluate_checkpoint(workdir, step, split, data_dir, dataset, compiled, clip_list, clip_root)
     print(f'{name}: {workdir} step {results[name]["step"]}', flush=True)
   return (f'{len(results)} folds, --step {step}{on_what(results[name])}:\n'
-          + reports.format_results_table(results, reports.class_names_of(workdirs)))
+          + reports.format_results_table(results, reports.class_names_of(workdirs), latex=latex))
 
 
 def retarget(config: ml_collections.ConfigDict, dataset: str) -> str:
@@ -219,23 +221,25 @@ def run_command():
   from dferjax import reports  # pylint: disable=import-outside-toplevel
   if bool(_WORKDIR.value) == bool(_FOLDS.value):
     raise app.UsageError('give exactly one of --workdir and --folds')
+  latex = _LATEX.value
   if _WORKDIR.value:
     result = evaluate_checkpoint(_WORKDIR.value, _STEP.value, _SPLIT.value, _DATA_DIR.value, _DATASET.value,
                                  clip_list=_CLIP_LIST.value, clip_root=_CLIP_ROOT.value)
-    print(f'{_WORKDIR.value} step {result["step"]}{on_what(result)}:')
-    print(reports.format_results_table({os.path.basename(_WORKDIR.value.rstrip('/')): result},
-                                       reports.class_names_of([_WORKDIR.value]),
-                                       with_mean=False))
+    lines = [f'{_WORKDIR.value} step {result["step"]}{on_what(result)}:',
+             reports.format_results_table({os.path.basename(_WORKDIR.value.rstrip('/')): result},
+                                          reports.class_names_of([_WORKDIR.value]), with_mean=False, latex=latex)]
     if 'clip_report' in result:  # process 0
-      print(f'per clip: {result["clip_report"]}\nconfusion matrix: {result["confusion_plot"]}\n'
-            f'{result["clip_summary"]}')
+      lines.append(f'per clip: {result["clip_report"]}\nconfusion matrix: {result["confusion_plot"]}\n'
+                   f'{result["clip_summary"]}')
+    text = '\n'.join(lines)
   elif _DATASET.value or _CLIP_LIST.value:
-    print(evaluate_folds(_FOLDS.value, _DATASET.value, _STEP.value, _SPLIT.value, _DATA_DIR.value, _CLIP_LIST.value,
-                         _CLIP_ROOT.value))
+    text = evaluate_folds(_FOLDS.value, _DATASET.value, _STEP.value, _SPLIT.value, _DATA_DIR.value, _CLIP_LIST.value,
+                          _CLIP_ROOT.value, latex=latex)
   else:
     names = reports.fold_names_from_configs(_FOLDS.value)  # from each run's config, not its position
-    print(reports.fold_report(_FOLDS.value, reports.class_names_of(_FOLDS.value), select_by=_SELECT_BY.value,
-                              last=_LAST.value, fold_names=names))
+    text = reports.fold_report(_FOLDS.value, reports.class_names_of(_FOLDS.value), select_by=_SELECT_BY.value,
+                               last=_LAST.value, fold_names=names)
+  print(reports.latex_comments(text) if latex else text)
 
 
 def on_what(result: dict) -> str:

@@ -71,8 +71,10 @@ def fold_std(results: Mapping[str, Mapping], class_names: Sequence[str] | None =
 
 
 def format_results_table(rows: Mapping[str, Mapping], class_names: Sequence[str], *, with_mean: bool = True,
-                         digits: int = 2, extra_columns: Mapping[str, Sequence[str]] | None = None) -> str:
-  """A Markdown table in the papers' layout: per-class accuracy (= recall), UAR, WAR in %, one row per fold.
+                         digits: int = 2, extra_columns: Mapping[str, Sequence[str]] | None = None,
+                         latex: bool = False) -> str:
+  """A Markdown table in the papers' layout: per-class accuracy (= recall), UAR, WAR in %, one row per fold
+  (`latex`: the same cells as a booktabs `tabular`, for a paper).
 
   `rows`: row name (fold1..fold5) -> {'uar', 'war', 'per_class'} as fractions. With `with_mean`, 'mean' and
   'std' rows over the given rows follow. Columns keep `class_names`' order (canonical: happy, sad, neutral,
@@ -96,6 +98,8 @@ def format_results_table(rows: Mapping[str, Mapping], class_names: Sequence[str]
     header.append(title)
     for i, line in enumerate(cells):
       line.append(str(texts[i]) if i < len(rows) else '')
+  if latex:
+    return latex_tabular(header, cells, rule_before=len(rows) if with_mean else None)
   widths = [max(len(str(line[column])) for line in [header, *cells]) for column in range(len(header))]
   format_line = lambda line: '| ' + ' | '.join(
       str(cell).ljust(width) if column == 0 else str(cell).rjust(width)
@@ -103,6 +107,36 @@ def format_results_table(rows: Mapping[str, Mapping], class_names: Sequence[str]
   separator = '|' + '|'.join('-' * (width + 1) + (':' if column else '-')
                              for column, width in enumerate(widths)) + '|'
   return '\n'.join([format_line(header), separator, *map(format_line, cells)])
+
+
+_LATEX_SPECIAL = {'\\': r'\textbackslash{}', '&': r'\&', '%': r'\%', '$': r'\$', '#': r'\#', '_': r'\_',
+                  '{': r'\{', '}': r'\}', '~': r'\textasciitilde{}', '^': r'\textasciicircum{}'}
+
+
+def latex_escape(text: str) -> str:
+  """`text` as LaTeX typesets it literally (a run name's underscores, '95 %')."""
+  return ''.join(_LATEX_SPECIAL.get(character, character) for character in str(text))
+
+
+def latex_tabular(header: Sequence[str], cells: Sequence[Sequence[str]], rule_before: int | None = None) -> str:
+  """A booktabs `tabular` of the header and rows: the first column left-aligned, the others right; a midrule
+  before row `rule_before` (the mean and std under the folds)."""
+  line = lambda row: ' & '.join(latex_escape(cell) for cell in row) + r' \\'
+  body = [line(row) for row in cells]
+  if rule_before is not None and 0 < rule_before < len(body):
+    body.insert(rule_before, r'\midrule')
+  return '\n'.join([r'\begin{tabular}{l' + 'r' * (len(header) - 1) + '}', r'\toprule', line(header), r'\midrule',
+                    *body, r'\bottomrule', r'\end{tabular}'])
+
+
+def latex_comments(text: str) -> str:
+  """Every line of `text` that is not part of a tabular as a LaTeX comment, so the whole output pastes."""
+  inside, lines = False, []
+  for line in text.splitlines():
+    inside = inside or line.startswith(r'\begin{tabular}')
+    lines.append(line if inside or not line.strip() else f'% {line}')
+    inside = inside and not line.startswith(r'\end{tabular}')
+  return '\n'.join(lines)
 
 
 DFEW_FOLDS = (1, 2, 3, 4, 5)
@@ -300,9 +334,10 @@ def recipe_differences(workdirs: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def fold_report(workdirs: Sequence[str | os.PathLike], class_names: Sequence[str], *, select_by: str = 'war',
-                last: bool = False, fold_names: Sequence[str] | None = None) -> str:
+                last: bool = False, fold_names: Sequence[str] | None = None, latex: bool = False) -> str:
   """Both protocols' fold tables, one under the other, each with the runs' seeds: the papers' (best test epoch,
-  or the last epoch with `last`) and, when the runs hold out a validation part, the honest one."""
+  or the last epoch with `last`) and, when the runs hold out a validation part, the honest one. `latex`: the
+  tables as booktabs tabulars and the other lines as LaTeX comments."""
   order = lambda results: dict(sorted(results.items(), key=lambda item: int(re.sub(r'\D', '', item[0]) or 0)))
 
   def table(results, with_holdout):
@@ -310,7 +345,7 @@ def fold_report(workdirs: Sequence[str | os.PathLike], class_names: Sequence[str
     if with_holdout:
       seeds['hold-out'] = [f"{100 * row['validation_fraction']:g} %, seed {row['validation_seed']}"
                            for row in results.values()]
-    return format_results_table(results, class_names, extra_columns=seeds)
+    return format_results_table(results, class_names, extra_columns=seeds, latex=latex)
 
   first = order(collect_fold_results(workdirs, 'last' if last else 'best', select_by, fold_names=fold_names))
   title = 'last epoch (no selection)' if last else f"{PROTOCOLS['papers']}, by {select_by.upper()}"
@@ -325,4 +360,4 @@ def fold_report(workdirs: Sequence[str | os.PathLike], class_names: Sequence[str
     lines.append(f"{PROTOCOLS['validation']}: not available, "
                  + ('no run holds out' if not held else f'only {", ".join(held)} hold out')
                  + ' a validation part (--config.validation.fraction=0.1 turns it on)')
-  return '\n'.join(lines)
+  return latex_comments('\n'.join(lines)) if latex else '\n'.join(lines)

@@ -114,6 +114,7 @@ def main():
   parser.add_argument('--folds', default='1,2,3,4,5')
   parser.add_argument('--collect_only', action='store_true', help='do not train; only print the table')
   parser.add_argument('--select_by', default='war', choices=['war', 'uar'])
+  parser.add_argument('--latex', action='store_true', help='the tables as LaTeX (booktabs) tabulars')
   parser.add_argument('--gpus', default='', help='e.g. 0,1,2,3,4: the folds at once, each on its GPU (a GPU listed '
                       'twice runs two folds with 0.45 of its memory each); default: one after another, on every GPU')
   parser.add_argument('overrides', nargs='*', help='extra flags for dferjax.main, after --')
@@ -127,7 +128,8 @@ def main():
       sys.exit(status)
   from dferjax import reports  # pylint: disable=import-outside-toplevel
   print(reports.fold_report(workdirs, reports.class_names_of(workdirs), select_by=args.select_by,
-                            fold_names=[f'fold{k}' for k in folds]))  # fold k is <workdir>_fold<k>, wherever listed
+                            fold_names=[f'fold{k}' for k in folds],  # fold k is <workdir>_fold<k>, wherever listed
+                            latex=args.latex))
 
 
 if __name__ == '__main__':

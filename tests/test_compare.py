@@ -151,6 +151,9 @@ def test_files_of_different_splits_or_classes_are_refused(tmp_path):
   done = subprocess.run([sys.executable, '-m', 'dferjax.compare', a, e], cwd=REPO, capture_output=True, text=True,
                         timeout=120)
   assert done.returncode == 0 and 'right only in the first 1 clips, only in the second 0; exact McNemar p = 1' in done.stdout
+  as_latex = subprocess.run([sys.executable, '-m', 'dferjax.compare', a, e, '--latex'], cwd=REPO, capture_output=True,
+                            text=True, timeout=120).stdout
+  assert as_latex.startswith('% 3 clips, 2 models:\n\\begin{tabular}{l') and '\n% a clips_test_step10 vs ' in as_latex
   done = subprocess.run([sys.executable, '-m', 'dferjax.compare', a, '--bootstrap', '-5'], cwd=REPO,
                         capture_output=True, text=True, timeout=120)
   assert done.returncode == 1 and done.stderr.strip().splitlines() == [

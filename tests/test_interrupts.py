@@ -153,9 +153,10 @@ def test_run_folds_passes_sigterm_on_then_resumes_the_folds_at_once_each_on_its_
   best_wars = [max(record['war'] for record in eval_records(workdir)) for workdir in workdirs]  # the papers' epoch
   assert 'fold1' in output and 'fold2' in output and f'{100 * np.mean(best_wars):.2f}' in output
   assert 'not trained with one recipe' not in output  # the fold apart, one config
-  process = run_folds(tmp_path, data_dir, '--folds=2', '--collect_only')  # a subset keeps its names
+  process = run_folds(tmp_path, data_dir, '--folds=2', '--collect_only', '--latex')  # a subset keeps its names
   output, _ = process.communicate(timeout=300)
-  assert process.returncode == 0 and 'fold2' in output and 'fold1' not in output, output
+  assert process.returncode == 0 and '\nfold2 & ' in output and 'fold1' not in output, output
+  assert output.startswith("% best epoch on test (papers' protocol), by WAR:\n\\begin{tabular}"), output
 
 
 def test_ctrl_c_stops_within_seconds_naming_the_last_checkpoint(tmp_path, data_dir):  # noqa: F811

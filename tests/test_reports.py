@@ -54,6 +54,27 @@ def test_fold_mean_std_and_table_against_numpy():
     reports.fold_mean({'fold2': {'uar': 0.5, 'per_class': {}}})
 
 
+def test_latex_tables_hold_the_markdown_cells():
+  """--latex (run_folds, evaluate, compare): the same cells as the Markdown table in a booktabs tabular, LaTeX's
+  special characters escaped, the mean and std ruled off, and the lines around the tables as comments."""
+  results = random_fold_results(3, num_folds=3)
+  extra = {'hold-out': ['10 %, seed 0'] * 3}
+  markdown = reports.format_results_table(results, CLASS_NAMES, extra_columns=extra)
+  latex = reports.format_results_table(results, CLASS_NAMES, extra_columns=extra, latex=True).splitlines()
+  assert latex[:2] == [r'\begin{tabular}{l' + 'r' * (len(CLASS_NAMES) + 3) + '}', r'\toprule']
+  assert latex[3] == latex[7] == r'\midrule' and latex[-2:] == [r'\bottomrule', r'\end{tabular}']
+  unescape = lambda cell: cell.replace(r'\%', '%').replace(r'\_', '_')
+  latex_rows = [[unescape(cell.strip()) for cell in line.removesuffix(r'\\').split(' & ')]
+                for line in latex if line.endswith(r'\\')]
+  markdown_rows = [[cell.strip() for cell in line.strip('|').split('|')] for line in markdown.splitlines()
+                   if not set(line) <= set('|-:')]
+  assert latex_rows == markdown_rows and latex_rows[-1][0] == 'std'
+  assert reports.latex_escape('stt_dfew fold#1 {a} 95 % & $x$') == r'stt\_dfew fold\#1 \{a\} 95 \% \& \$x\$'
+  text = reports.latex_comments('title:\n' + '\n'.join(latex) + '\n\n95 % intervals')
+  assert text.splitlines()[0] == '% title:' and text.splitlines()[-1] == '% 95 % intervals'
+  assert '\n'.join(latex) in text
+
+
 def test_fold_mean_skips_empty_classes():
   results = random_fold_results(3, num_folds=3)
   results['fold2']['per_class']['disgust'] = None  # as read from JSON: a fold without disgust clips

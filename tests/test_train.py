@@ -184,9 +184,10 @@ def test_evaluate_cli_reproduces_the_final_evaluation(tmp_path, data_dir, monkey
   assert all(np.argmax(row['probabilities']) == row['prediction'] for row in rows)
   # The command prints the table and nothing of the libraries' INFO logs or Orbax's read-only warnings.
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'JAX_PLATFORMS': 'cpu'}
-  output = subprocess.run([sys.executable, '-m', 'dferjax.evaluate', f'--workdir={tmp_path}', '--step=latest'],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True)
-  assert f'{100 * result["war"]:.2f} |' in output.stdout, output.stdout
+  output = subprocess.run([sys.executable, '-m', 'dferjax.evaluate', f'--workdir={tmp_path}', '--step=latest',
+                           '--latex'], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True)
+  assert f'& {100 * result["war"]:.2f} \\\\\n\\bottomrule' in output.stdout, output.stdout  # --latex: a tabular
+  assert output.stdout.startswith(f'% {tmp_path} step {again["step"]}:'), output.stdout
   assert not re.search(r'^([IWE]\d{4} |WARNING:)', output.stdout + output.stderr, re.MULTILINE), output.stderr
 
   # Across datasets: the checkpoint on AFEW's validation split (its reported one), built from synthetic AFEW files
