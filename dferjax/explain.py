@@ -4,6 +4,7 @@
     python -m dferjax.explain --workdir runs/stt_dfew_fold1 --clips 00042,00107
     python -m dferjax.explain --workdir runs/stt_dfew_fold1 --wrong 8      # the 8 most confident mistakes
     python -m dferjax.explain --workdir runs/stt_dfew_fold1 --clips 00042 --baseline still --target label
+    python -m dferjax.explain --workdir runs/stt_dfew_fold1 --per_class 20 --baseline still
 
 The clip is the one evaluation gives the model (the split's clip, the test sampler's frames, the clip transforms'
 evaluation draws), with the checkpoint evaluation uses (`--step`, best by default), in float32. For input value
@@ -18,8 +19,10 @@ clip's mean frame) asks what in its change over time does: the expression dynami
 Writes to `--out` (default <workdir>/explain_<split>_step<N>): `<clip id>.png` (the frames, the heat of each
 pixel's attribution over them, each frame's share of the total), and `attributions.jsonl`, one line per clip:
 clip id, label, prediction, probabilities, target, the clip frames the sampler took, each frame's attribution
-(signed sum) and share (of the absolute attributions), and the completeness check. `--wrong N` reads the
-per-clip file that `python -m dferjax.evaluate` wrote for the same split and step.
+(signed sum) and share (of the absolute attributions), and the completeness check. `--wrong N` and
+`--per_class N` read the per-clip file that `python -m dferjax.evaluate` wrote for the same split and step; the
+latter explains each class's logit on the N clips of it the model is surest of, and averages each frame's share
+per class (`class_profiles.json` and `.png`): where in time the evidence for each class lies.
 """
 from __future__ import annotations
 
@@ -129,11 +132,12 @@ def clips_file(workdir: str, split: str, step: int) -> str:
   return os.path.join(workdir, f'clips_{file_safe(split)}_step{step}.jsonl')
 
 
-def choose_clips(source, workdir: str, split: str, step: int, *, clip_ids: list[str],
-                 wrong: int) -> list[tuple[int, str]]:
+def choose_clips(source, workdir: str, split: str, step: int, *, clip_ids: list[str], wrong: int = 0,
+                 per_class: int = 0) -> list[tuple[int, str]]:
   """(position in the split, clip id) of the clips to explain: those named (found through the per-clip file of
-  this split and step when there is one, else by reading the split's clip ids), or the `wrong` most confident
-  mistakes of that file."""
+  this split and step when there is one, else by reading the split's clip ids), the `wrong` most confident
+  mistakes of that file, or for each class the `per_class` clips of it to which the model gives that class the
+  highest probability (class by class)."""
   path = clips_file(workdir, split, step)
   rows = None
   if os.path.isfile(path):
@@ -141,11 +145,18 @@ def choose_clips(source, workdir: str, split: str, step: int, *, clip_ids: list[
       rows = [json.loads(line) for line in f if line.strip()]
     if len(rows) != len(source):
       rows = None  # another evaluation's file (the split changed): read the ids from the split itself
+  if (wrong or per_class) and rows is None:
+    raise ExplainError(f'--{"wrong" if wrong else "per_class"} needs {path}, the per-clip file of step {step} on '
+                       f'{split}: run python -m dferjax.evaluate --workdir {workdir} --step {step}'
+                       + (f' --split {split}' if split != 'test' else '') + ' first')
+  if per_class:
+    chosen = []
+    for label in sorted({row['label'] for row in rows}):
+      of_class = [i for i, row in enumerate(rows) if row['label'] == label]
+      of_class.sort(key=lambda i: -rows[i]['probabilities'][label])
+      chosen += [(i, rows[i]['clip_id']) for i in of_class[:per_class]]
+    return chosen
   if wrong:
-    if rows is None:
-      raise ExplainError(f'--wrong needs {path}, the per-clip file of step {step} on {split}: run python -m '
-                         f'dferjax.evaluate --workdir {workdir} --step {step}' + (
-                             f' --split {split}' if split != 'test' else '') + ' first')
     mistakes = [i for i, row in enumerate(rows) if row['prediction'] != row['label']]
     mistakes.sort(key=lambda i: -max(rows[i]['probabilities']))
     if not mistakes:
@@ -166,16 +177,21 @@ def _text(value) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def explain(workdir: str, *, clips: str = '', wrong: int = 0, split: str | None = None, step: str = 'best',
-            target: str = 'predicted', baseline: str = 'black', steps: int = 32, chunk: int = 8,
+def explain(workdir: str, *, clips: str = '', wrong: int = 0, per_class: int = 0, split: str | None = None,
+            step: str = 'best', target: str = 'predicted', baseline: str = 'black', steps: int = 32, chunk: int = 8,
             data_dir: str | None = None, out: str | None = None) -> list[dict]:
-  """The command: one record per clip (also written to `out`/attributions.jsonl) and its PNG."""
+  """The command: one record per clip (also written to `out`/attributions.jsonl) and its PNG; with `per_class`,
+  also each class's mean frame shares (`class_profiles`)."""
   from dferjax import predict  # pylint: disable=import-outside-toplevel
   from dferjax.data import inputs, pipeline, sampling  # pylint: disable=import-outside-toplevel
-  if bool(clips) == bool(wrong):
-    raise ExplainError('give --clips ID[,ID...] or --wrong N')
-  if wrong < 0:
-    raise ExplainError(f'--wrong {wrong}: give a number of clips >= 1')
+  if sum(map(bool, (clips, wrong, per_class))) != 1:
+    raise ExplainError('give one of --clips ID[,ID...], --wrong N and --per_class N')
+  for name, count in (('wrong', wrong), ('per_class', per_class)):
+    if count < 0:
+      raise ExplainError(f'--{name} {count}: give a number of clips >= 1')
+  if per_class and target != 'predicted':
+    raise ExplainError(f'--target {target}: --per_class explains each clip\'s own class (its label); leave --target '
+                       'out')
   if baseline not in BASELINES:
     raise ExplainError(f'--baseline {baseline!r}: expected one of {BASELINES}')
   run = predict.load_run(workdir, step)
@@ -187,12 +203,18 @@ def explain(workdir: str, *, clips: str = '', wrong: int = 0, split: str | None 
     raise ExplainError(f"--target {target!r}: expected 'predicted', 'label' or a class name of {class_names}")
   split = split or config.dataset.eval_split
   source = inputs.split_source(config, split)
-  chosen = choose_clips(source, workdir, split, run.step, clip_ids=[c for c in clips.split(',') if c], wrong=wrong)
+  chosen = choose_clips(source, workdir, split, run.step, clip_ids=[c for c in clips.split(',') if c], wrong=wrong,
+                        per_class=per_class)
   positions = [position for position, _ in chosen]
   sampler = sampling.make_sampler(config.input.sampler.to_dict())
   clip_of = pipeline.EvalClip(source, np.asarray(positions, np.int64), sampler, config.input.image_size,
                               transforms=pipeline.make_clip_transforms(config.input.transforms.to_dict()))
   placed = 'shuffle_snippets' not in config.input.transforms  # else the model's slots are not in time order
+  if per_class:
+    if not placed:
+      raise ExplainError('--per_class averages frames by their place in time, but config.input.transforms.'
+                         'shuffle_snippets reorders them')
+    target = 'label'
   out = out or os.path.join(workdir, f'explain_{file_safe(split)}_step{run.step}')
   os.makedirs(out, exist_ok=True)
   model = ModelLogits(run)
@@ -233,7 +255,52 @@ def explain(workdir: str, *, clips: str = '', wrong: int = 0, split: str | None 
     records.append(result)
   with open(os.path.join(out, 'attributions.jsonl'), 'w') as f:
     f.writelines(json.dumps(record) + '\n' for record in records)
+  if per_class:
+    profiles = class_profiles(records, class_names)
+    with open(os.path.join(out, 'class_profiles.json'), 'w') as f:
+      json.dump(profiles, f, indent=2)
+    plot_class_profiles(profiles, baseline, os.path.join(out, 'class_profiles.png'))
   return records
+
+
+def class_profiles(records: list[dict], class_names: list[str]) -> dict:
+  """{class: {'clips', 'right', 'mean_share' per sampled frame, 'later_half'}} over the records of each class
+  (their own class's logit); 'later_half' is the mean share of the later half of the frames (the middle one
+  halved)."""
+  profiles = {}
+  for name in class_names:
+    of_class = [record for record in records if record['label'] == name]
+    if not of_class:
+      continue
+    share = np.mean([record['frame_share'] for record in of_class], axis=0)
+    half = len(share) / 2
+    weights = np.clip(np.arange(len(share)) + 1 - half, 0, 1)  # 0 before the middle, 1 after, 0.5 on it
+    profiles[name] = {'clips': [record['clip_id'] for record in of_class],
+                      'right': sum(record['prediction'] == name for record in of_class),
+                      'mean_share': share.tolist(), 'later_half': float(share @ weights)}
+  return profiles
+
+
+def plot_class_profiles(profiles: dict, baseline: str, path: str) -> str:
+  """Each class's mean share per sampled frame (in time order), against the even share."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  from dferjax import plots  # pylint: disable=import-outside-toplevel
+  figure = Figure(figsize=(7, 4), dpi=plots.DPI)
+  FigureCanvasAgg(figure)
+  axes = figure.add_subplot()
+  num_frames = len(next(iter(profiles.values()))['mean_share'])
+  slots = np.arange(1, num_frames + 1)
+  for name, profile in profiles.items():
+    axes.plot(slots, 100 * np.asarray(profile['mean_share']), marker='o', markersize=3,
+              label=f'{name} ({len(profile["clips"])} clips, {profile["right"]} right)')
+  axes.axhline(100 / num_frames, color='gray', linestyle='--', linewidth=1, label='even')
+  axes.set_xlabel('sampled frame, in time order')
+  axes.set_ylabel('share of the attributions, %')
+  axes.set_title(f"each class's logit on its own clips, from a {baseline} clip", fontsize=9)
+  axes.legend(fontsize=7)
+  figure.tight_layout()
+  return str(plots._save(figure, path))  # pylint: disable=protected-access
 
 
 def frame_names(result: dict) -> list[str]:
@@ -295,6 +362,9 @@ def main(argv=None) -> list[dict]:
   parser.add_argument('--clips', default='', help='clip ids of the split, joined by commas')
   parser.add_argument('--wrong', type=int, default=0, help='explain the N most confident mistakes of the per-clip '
                       'file of `python -m dferjax.evaluate` (same split and step)')
+  parser.add_argument('--per_class', type=int, default=0, help='for each class, its N clips with the highest '
+                      'probability of it, their own class\'s logit, and the mean share per frame '
+                      '(class_profiles.json and .png)')
   parser.add_argument('--split', help="the run's split (default: its evaluation split)")
   parser.add_argument('--step', default='best', help="'best', 'latest' or a step number")
   parser.add_argument('--target', default='predicted', help="'predicted', 'label' or a class name")
@@ -306,9 +376,15 @@ def main(argv=None) -> list[dict]:
   parser.add_argument('--verbose', action='store_true', help='the traceback of an expected error (else one line)')
   args = parser.parse_args(argv)
   records = cli.run(lambda: explain(
-      args.workdir, clips=args.clips, wrong=args.wrong, split=args.split, step=args.step, target=args.target,
-      baseline=args.baseline, steps=args.steps, chunk=args.chunk, data_dir=args.data_dir, out=args.out),
-      verbose=args.verbose)
+      args.workdir, clips=args.clips, wrong=args.wrong, per_class=args.per_class, split=args.split,
+      step=args.step, target=args.target, baseline=args.baseline, steps=args.steps, chunk=args.chunk,
+      data_dir=args.data_dir, out=args.out), verbose=args.verbose)
+  if args.per_class:
+    for name, profile in class_profiles(records, list(dict.fromkeys(r['label'] for r in records))).items():
+      print(f'{name}: {len(profile["clips"])} clips ({profile["right"]} predicted right); the later half of the '
+            f'frames carries {100 * profile["later_half"]:.0f} % of the {name} logit')
+    print(f'-> {os.path.join(os.path.dirname(records[0]["png"]), "class_profiles.png")}')
+    return records
   for record in records:
     share = np.asarray(record['frame_share'])
     top = np.argsort(-share)[:3]

@@ -103,6 +103,25 @@ def test_clips_explained_as_evaluation_sees_them(tmp_path, tiny_workdir, data_di
   wrong = explain.explain(workdir, wrong=2, data_dir=data_dir, steps=8, out=str(tmp_path / 'wrong'))
   assert [record['clip_id'] for record in wrong] == [row['clip_id'] for row in mistakes[:2]]
 
+  # Per class: its 2 clips with the highest probability of it, their own class's logit, and the mean shares.
+  out = tmp_path / 'per_class'
+  per_class = explain.explain(workdir, per_class=2, data_dir=data_dir, steps=8, out=str(out))
+  profiles = json.loads((out / 'class_profiles.json').read_text())
+  assert list(profiles) == [name for name in class_names if any(class_names[row['label']] == name for row in rows)]
+  for name, profile in profiles.items():
+    label = class_names.index(name)
+    expected = sorted((row for row in rows if row['label'] == label), key=lambda row: -row['probabilities'][label])
+    assert profile['clips'] == [row['clip_id'] for row in expected[:2]]
+    of_class = [record for record in per_class if record['label'] == name]
+    assert [record['clip_id'] for record in of_class] == profile['clips']
+    assert all(record['target'] == name for record in of_class)
+    assert profile['right'] == sum(record['prediction'] == name for record in of_class)
+    share = np.mean([record['frame_share'] for record in of_class], axis=0)
+    np.testing.assert_allclose(profile['mean_share'], share, rtol=1e-6)
+    assert len(share) % 2 == 0  # 4 and 14 frames: the later half is whole frames
+    assert profile['later_half'] == pytest.approx(share[len(share) // 2:].sum(), rel=1e-6)
+  assert cv2.imread(str(out / 'class_profiles.png')).shape[2] == 3
+
   # A per-clip file that no longer matches the split (its clips in another order) is not trusted.
   rows[0]['clip_id'], rows[1]['clip_id'] = rows[1]['clip_id'], rows[0]['clip_id']
   with open(evaluated['clip_report'], 'w') as f:
@@ -116,7 +135,11 @@ def test_errors_are_one_line(tmp_path, capsys, tiny_workdir, data_dir):  # noqa:
   workdir = str(tmp_path / 'run')
   shutil.copytree(tiny_workdir('stt'), workdir)
   common = ['--workdir', workdir, '--data_dir', data_dir]
-  assert 'give --clips ID[,ID...] or --wrong N' in fails_in_one_line(capsys, explain.main, common)
+  assert 'give one of --clips ID[,ID...], --wrong N and --per_class N' in fails_in_one_line(capsys, explain.main,
+                                                                                           common)
+  assert '--per_class needs' in fails_in_one_line(capsys, explain.main, [*common, '--per_class', '2'])
+  assert "--target label: --per_class explains each clip's own class" in fails_in_one_line(
+      capsys, explain.main, [*common, '--per_class', '2', '--target', 'label'])
   assert "not in the test split (first: 'nope'" in fails_in_one_line(capsys, explain.main,
                                                                       [*common, '--clips', 'nope'])
   message = fails_in_one_line(capsys, explain.main, [*common, '--wrong', '3'])
