@@ -133,7 +133,7 @@ def evaluate_folds(workdirs, dataset: str | None, step: str = 'best', split: str
   results, compiled = {}, {}
   for name, workdir in sorted(zip(names, workdirs)):
     results[name] = evaluate_checkpoint(workdir, step, split, data_dir, dataset, compiled, clip_list, clip_root)
-    print(f'{name}: {workdir} step {results[name]["step"]}', flush=True)
+    print(f'{"% " * latex}{name}: {workdir} step {results[name]["step"]}', flush=True)
   return (f'{len(results)} folds, --step {step}{on_what(results[name])}:\n'
           + reports.format_results_table(results, reports.class_names_of(workdirs), latex=latex))
 
@@ -238,7 +238,7 @@ def run_command():
   else:
     names = reports.fold_names_from_configs(_FOLDS.value)  # from each run's config, not its position
     text = reports.fold_report(_FOLDS.value, reports.class_names_of(_FOLDS.value), select_by=_SELECT_BY.value,
-                               last=_LAST.value, fold_names=names)
+                               last=_LAST.value, fold_names=names, latex=latex)
   print(reports.latex_comments(text) if latex else text)
 
 

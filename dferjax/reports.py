@@ -130,11 +130,12 @@ def latex_tabular(header: Sequence[str], cells: Sequence[Sequence[str]], rule_be
 
 
 def latex_comments(text: str) -> str:
-  """Every line of `text` that is not part of a tabular as a LaTeX comment, so the whole output pastes."""
+  """Every line of `text` that is not part of a tabular (nor a comment already) as a LaTeX comment, so the whole
+  output pastes."""
   inside, lines = False, []
   for line in text.splitlines():
     inside = inside or line.startswith(r'\begin{tabular}')
-    lines.append(line if inside or not line.strip() else f'% {line}')
+    lines.append(line if inside or not line.strip() or line.startswith('%') else f'% {line}')
     inside = inside and not line.startswith(r'\end{tabular}')
   return '\n'.join(lines)
 

@@ -72,7 +72,7 @@ def test_latex_tables_hold_the_markdown_cells():
   assert reports.latex_escape('stt_dfew fold#1 {a} 95 % & $x$') == r'stt\_dfew fold\#1 \{a\} 95 \% \& \$x\$'
   text = reports.latex_comments('title:\n' + '\n'.join(latex) + '\n\n95 % intervals')
   assert text.splitlines()[0] == '% title:' and text.splitlines()[-1] == '% 95 % intervals'
-  assert '\n'.join(latex) in text
+  assert '\n'.join(latex) in text and reports.latex_comments(text) == text  # twice is once
 
 
 def test_fold_mean_skips_empty_classes():
