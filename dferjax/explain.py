@@ -69,14 +69,19 @@ def integrated_gradients(gradient, video, baseline, *, steps: int, chunk: int = 
   return (video - baseline) * total / steps
 
 
+def path_points(video, baseline, alphas):
+  """[k, frames, height, width, 3]: baseline + alphas_j (video - baseline) for each of the k alphas."""
+  return baseline[None] + alphas[:, None, None, None, None] * (video - baseline)[None]
+
+
 def path_gradient(logit_fn):
   """The `gradient` of integrated_gradients for `logit_fn` (float [n, frames, height, width, 3] -> [n]), jitted."""
   import jax  # pylint: disable=import-outside-toplevel
 
   @jax.jit
   def gradient(video, baseline, alphas, weights):
-    path = baseline[None] + alphas[:, None, None, None, None] * (video - baseline)[None]
-    return jax.grad(lambda points: (logit_fn(points) * weights).sum())(path).sum(axis=0)
+    points = path_points(video, baseline, alphas)
+    return jax.grad(lambda points: (logit_fn(points) * weights).sum())(points).sum(axis=0)
   return gradient
 
 
@@ -110,8 +115,8 @@ class ModelLogits:
       return model.apply(variables, videos, **inputs, train=False)[0]
 
     def gradient(variables, fields, target, video, baseline, alphas, weights):
-      path = baseline[None] + alphas[:, None, None, None, None] * (video - baseline)[None]
-      return jax.grad(lambda points: (logits(variables, fields, points)[:, target] * weights).sum())(path).sum(0)
+      weighted = lambda points: (logits(variables, fields, points)[:, target] * weights).sum()
+      return jax.grad(weighted)(path_points(video, baseline, alphas)).sum(axis=0)
 
     self._logits, self._gradient = jax.jit(logits), jax.jit(gradient)
 
