@@ -5,6 +5,7 @@
     python -m dferjax.explain --workdir runs/stt_dfew_fold1 --wrong 8      # the 8 most confident mistakes
     python -m dferjax.explain --workdir runs/stt_dfew_fold1 --clips 00042 --baseline still --target label
     python -m dferjax.explain --workdir runs/stt_dfew_fold1 --per_class 20 --baseline still
+    python -m dferjax.explain --workdir runs/stt_dfew_fold1 --video clip.mp4   # windows of a video of your own
 
 The clip is the one evaluation gives the model (the split's clip, the test sampler's frames, the clip transforms'
 evaluation draws), with the checkpoint evaluation uses (`--step`, best by default), in float32. For input value
@@ -182,21 +183,26 @@ def _text(value) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def explain(workdir: str, *, clips: str = '', wrong: int = 0, per_class: int = 0, split: str | None = None,
-            step: str = 'best', target: str = 'predicted', baseline: str = 'black', steps: int = 32, chunk: int = 8,
-            data_dir: str | None = None, out: str | None = None) -> list[dict]:
+def explain(workdir: str, *, clips: str = '', wrong: int = 0, per_class: int = 0, video: str | None = None,
+            frames: str | None = None, split: str | None = None, step: str = 'best', target: str = 'predicted',
+            baseline: str = 'black', steps: int = 32, chunk: int = 8, data_dir: str | None = None,
+            out: str | None = None, detect: bool = True, window_seconds: float = 2.0, stride_seconds: float = 1.0,
+            fps: float = 25.0, detector=None) -> list[dict]:
   """The command: one record per clip (also written to `out`/attributions.jsonl) and its PNG; with `per_class`,
-  also each class's mean frame shares (`class_profiles`)."""
+  also each class's mean frame shares (`class_profiles`). `video` or `frames`: a user's video, cut into the
+  windows of `dferjax.predict` (its face crops; `detector` replaces the Haar cascade, for tests), each a clip."""
   from dferjax import predict  # pylint: disable=import-outside-toplevel
-  from dferjax.data import inputs, pipeline, sampling  # pylint: disable=import-outside-toplevel
-  if sum(map(bool, (clips, wrong, per_class))) != 1:
-    raise ExplainError('give one of --clips ID[,ID...], --wrong N and --per_class N')
+  from dferjax.data import inputs  # pylint: disable=import-outside-toplevel
+  if sum(map(bool, (clips, wrong, per_class, video or frames))) != 1:
+    raise ExplainError('give one of --clips ID[,ID...], --wrong N, --per_class N and --video/--frames')
   for name, count in (('wrong', wrong), ('per_class', per_class)):
     if count < 0:
       raise ExplainError(f'--{name} {count}: give a number of clips >= 1')
   if per_class and target != 'predicted':
     raise ExplainError(f'--target {target}: --per_class explains each clip\'s own class (its label); leave --target '
                        'out')
+  if (video or frames) and target == 'label':
+    raise ExplainError('--target label: a video of your own has no label; give predicted or a class name')
   if baseline not in BASELINES:
     raise ExplainError(f'--baseline {baseline!r}: expected one of {BASELINES}')
   run = predict.load_run(workdir, step)
@@ -206,30 +212,67 @@ def explain(workdir: str, *, clips: str = '', wrong: int = 0, per_class: int = 0
   class_names = list(config.class_names)
   if target not in ('predicted', 'label', *class_names):
     raise ExplainError(f"--target {target!r}: expected 'predicted', 'label' or a class name of {class_names}")
-  split = split or config.dataset.eval_split
-  source = inputs.split_source(config, split)
-  chosen = choose_clips(source, workdir, split, run.step, clip_ids=[c for c in clips.split(',') if c], wrong=wrong,
-                        per_class=per_class)
-  positions = [position for position, _ in chosen]
-  sampler = sampling.make_sampler(config.input.sampler.to_dict())
-  clip_of = pipeline.EvalClip(source, np.asarray(positions, np.int64), sampler, config.input.image_size,
-                              transforms=pipeline.make_clip_transforms(config.input.transforms.to_dict()))
-  placed = 'shuffle_snippets' not in config.input.transforms  # else the model's slots are not in time order
+  if video or frames:  # predict's windows of the video's face crops, each a clip
+    if video and frames:
+      raise ExplainError('give --video or --frames, not both')
+    frame_source = predict.open_video(video, fps) if video else predict.open_frame_folder(frames, fps)
+    if detect and detector is None:
+      detector = predict.haar_face_detector()
+    crops, _ = predict.face_crops(frame_source, config.input.image_size, detector=detector if detect else None)
+    bounds = predict.window_bounds(len(crops), max(1, round(window_seconds * frame_source.fps)),
+                                   max(1, round(stride_seconds * frame_source.fps)))
+    source = predict.window_records(crops, bounds)
+    chosen = [(i, record['clip_id']) for i, record in enumerate(source)]
+    offsets = [start for start, _ in bounds]
+    default_out = os.path.join(workdir, 'explain', os.path.basename(frame_source.path.rstrip('/')))
+  else:
+    split = split or config.dataset.eval_split
+    source = inputs.split_source(config, split)
+    chosen = choose_clips(source, workdir, split, run.step, clip_ids=[c for c in clips.split(',') if c],
+                          wrong=wrong, per_class=per_class)
+    offsets = None
+    default_out = os.path.join(workdir, f'explain_{file_safe(split)}_step{run.step}')
+    for position, clip_id in chosen:
+      if _text(source[position]['clip_id']) != clip_id:  # the per-clip file is of another version of the split
+        raise ExplainError(f'{clips_file(workdir, split, run.step)} lists {clip_id!r} where the {split} split now '
+                           f'holds {_text(source[position]["clip_id"])!r}: evaluate the run again (python -m '
+                           f'dferjax.evaluate --workdir {workdir} --step {run.step})')
   if per_class:
-    if not placed:
+    if 'shuffle_snippets' in config.input.transforms:
       raise ExplainError('--per_class averages frames by their place in time, but config.input.transforms.'
                          'shuffle_snippets reorders them')
     target = 'label'
-  out = out or os.path.join(workdir, f'explain_{file_safe(split)}_step{run.step}')
+  out = out or default_out
   os.makedirs(out, exist_ok=True)
+  records = explain_clips(run, source, chosen, target=target, baseline=baseline, steps=steps, chunk=chunk, out=out,
+                          labelled=offsets is None, frame_offsets=offsets)
+  with open(os.path.join(out, 'attributions.jsonl'), 'w') as f:
+    f.writelines(json.dumps(record) + '\n' for record in records)
+  if per_class:
+    profiles = class_profiles(records, class_names)
+    with open(os.path.join(out, 'class_profiles.json'), 'w') as f:
+      json.dump(profiles, f, indent=2)
+    plot_class_profiles(profiles, baseline, os.path.join(out, 'class_profiles.png'))
+  return records
+
+
+def explain_clips(run, source, chosen: list[tuple[int, str]], *, target: str, baseline: str, steps: int,
+                  chunk: int, out: str, labelled: bool = True, frame_offsets: list[int] | None = None) -> list[dict]:
+  """One record and PNG per chosen (position, clip id) of `source`, through the evaluation path. `labelled`:
+  the records' labels are real (not a video's placeholder); `frame_offsets`: where each record's frames start in
+  the video they were cut from (the frame numbers then count from the video's start)."""
+  from dferjax.data import pipeline, sampling  # pylint: disable=import-outside-toplevel
+  config = run.config
+  class_names = list(config.class_names)
+  sampler = sampling.make_sampler(config.input.sampler.to_dict())
+  clip_of = pipeline.EvalClip(source, np.asarray([position for position, _ in chosen], np.int64), sampler,
+                              config.input.image_size,
+                              transforms=pipeline.make_clip_transforms(config.input.transforms.to_dict()))
+  placed = 'shuffle_snippets' not in config.input.transforms  # else the model's slots are not in time order
   model = ModelLogits(run)
   records = []
   for k, (position, clip_id) in enumerate(chosen):
     record = source[position]
-    if _text(record['clip_id']) != clip_id:  # the per-clip file is of another version of the split
-      raise ExplainError(f'{clips_file(workdir, split, run.step)} lists {clip_id!r} where the {split} split now '
-                         f'holds {_text(record["clip_id"])!r}: evaluate the run again (python -m dferjax.evaluate '
-                         f'--workdir {workdir} --step {run.step})')
     fields = clip_of.map(k)
     video = np.asarray(fields['video'], np.float32) / 255
     extra = {name: np.asarray(value)[None] for name, value in fields.items()
@@ -247,9 +290,13 @@ def explain(workdir: str, *, clips: str = '', wrong: int = 0, per_class: int = 0
     difference = float(logits[target_class] - start_logits[target_class])
     per_frame = attributions.reshape(len(video), -1)
     magnitude = np.abs(per_frame).sum(axis=1)
-    frames = (np.asarray(sampler(int(record['num_frames']), None)).reshape(-1).tolist() if placed else None)
+    frames = None
+    if placed:
+      frames = np.asarray(sampler(int(record['num_frames']), None)).reshape(-1)
+      frames = (frames + (frame_offsets[k] if frame_offsets else 0)).tolist()
     result = {
-        'clip_id': _text(record['clip_id']), 'label': class_names[label], 'prediction': class_names[prediction],
+        'clip_id': clip_id, 'label': class_names[label] if labelled else None,
+        'prediction': class_names[prediction],
         'probabilities': {name: float(p) for name, p in zip(class_names, probabilities)},
         'target': class_names[target_class], 'baseline': baseline, 'steps': steps, 'frames': frames,
         'frame_attribution': per_frame.sum(axis=1).tolist(),
@@ -258,13 +305,6 @@ def explain(workdir: str, *, clips: str = '', wrong: int = 0, per_class: int = 0
     }
     result['png'] = plot_attributions(result, video, attributions, os.path.join(out, f'{_file_name(result)}.png'))
     records.append(result)
-  with open(os.path.join(out, 'attributions.jsonl'), 'w') as f:
-    f.writelines(json.dumps(record) + '\n' for record in records)
-  if per_class:
-    profiles = class_profiles(records, class_names)
-    with open(os.path.join(out, 'class_profiles.json'), 'w') as f:
-      json.dump(profiles, f, indent=2)
-    plot_class_profiles(profiles, baseline, os.path.join(out, 'class_profiles.png'))
   return records
 
 
@@ -353,7 +393,8 @@ def plot_attributions(result: dict, video: np.ndarray, attributions: np.ndarray,
   bars.set_xlabel('frame of the clip' if result['frames'] else "slot of the model's input")
   bars.set_ylabel('share, %')
   check = result['completeness']
-  figure.suptitle(f'{result["clip_id"]}: label {result["label"]}, predicted {result["prediction"]} '
+  labelled = f'label {result["label"]}, ' if result['label'] else ''
+  figure.suptitle(f'{result["clip_id"]}: {labelled}predicted {result["prediction"]} '
                   f'({100 * result["probabilities"][result["prediction"]]:.1f} %); attributions to the '
                   f'{result["target"]} logit from a {result["baseline"]} clip (sum {check["attributions_sum"]:.3g}, '
                   f'logit difference {check["logit_difference"]:.3g})', fontsize=8)
@@ -370,6 +411,13 @@ def main(argv=None) -> list[dict]:
   parser.add_argument('--per_class', type=int, default=0, help='for each class, its N clips with the highest '
                       'probability of it, their own class\'s logit, and the mean share per frame '
                       '(class_profiles.json and .png)')
+  parser.add_argument('--video', help='a video of your own (any OpenCV reads), cut into windows as '
+                      '`dferjax.predict` does; each window is explained')
+  parser.add_argument('--frames', help='a folder of frame images instead of --video, read in natural order')
+  parser.add_argument('--no_detect', action='store_true', help='--video/--frames are face crops already')
+  parser.add_argument('--window', type=float, default=2.0, help='--video/--frames: window length, seconds')
+  parser.add_argument('--stride', type=float, default=1.0, help='--video/--frames: between window starts, seconds')
+  parser.add_argument('--fps', type=float, default=25.0, help='frame rate of --frames (and of a video without one)')
   parser.add_argument('--split', help="the run's split (default: its evaluation split)")
   parser.add_argument('--step', default='best', help="'best', 'latest' or a step number")
   parser.add_argument('--target', default='predicted', help="'predicted', 'label' or a class name")
@@ -381,9 +429,10 @@ def main(argv=None) -> list[dict]:
   parser.add_argument('--verbose', action='store_true', help='the traceback of an expected error (else one line)')
   args = parser.parse_args(argv)
   records = cli.run(lambda: explain(
-      args.workdir, clips=args.clips, wrong=args.wrong, per_class=args.per_class, split=args.split,
-      step=args.step, target=args.target, baseline=args.baseline, steps=args.steps, chunk=args.chunk,
-      data_dir=args.data_dir, out=args.out), verbose=args.verbose)
+      args.workdir, clips=args.clips, wrong=args.wrong, per_class=args.per_class, video=args.video,
+      frames=args.frames, split=args.split, step=args.step, target=args.target, baseline=args.baseline,
+      steps=args.steps, chunk=args.chunk, data_dir=args.data_dir, out=args.out, detect=not args.no_detect,
+      window_seconds=args.window, stride_seconds=args.stride, fps=args.fps), verbose=args.verbose)
   if args.per_class:
     for name, profile in class_profiles(records, list(dict.fromkeys(r['label'] for r in records))).items():
       print(f'{name}: {len(profile["clips"])} clips ({profile["right"]} predicted right); the later half of the '
@@ -394,7 +443,8 @@ def main(argv=None) -> list[dict]:
     share = np.asarray(record['frame_share'])
     top = np.argsort(-share)[:3]
     names = [frame_names(record)[t] for t in top]
-    print(f'{record["clip_id"]}: label {record["label"]}, predicted {record["prediction"]}; '
+    labelled = f'label {record["label"]}, ' if record['label'] else ''
+    print(f'{record["clip_id"]}: {labelled}predicted {record["prediction"]}; '
           f'most of the {record["target"]} logit from ' + ', '.join(
               f'{name} ({100 * share[t]:.0f} %)' for name, t in zip(names, top)) + f' -> {record["png"]}')
   return records

@@ -9,8 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from dferjax import evaluate, explain
+from dferjax import evaluate, explain, predict
 from dferjax.data import build, datasets, sampling, synthetic
+import test_predict
 from workdir_helpers import fails_in_one_line, tiny_workdir  # noqa: F401  (a fixture)
 
 
@@ -135,8 +136,8 @@ def test_errors_are_one_line(tmp_path, capsys, tiny_workdir, data_dir):  # noqa:
   workdir = str(tmp_path / 'run')
   shutil.copytree(tiny_workdir('stt'), workdir)
   common = ['--workdir', workdir, '--data_dir', data_dir]
-  assert 'give one of --clips ID[,ID...], --wrong N and --per_class N' in fails_in_one_line(capsys, explain.main,
-                                                                                           common)
+  assert 'give one of --clips ID[,ID...], --wrong N, --per_class N and --video/--frames' in fails_in_one_line(
+      capsys, explain.main, common)
   assert '--per_class needs' in fails_in_one_line(capsys, explain.main, [*common, '--per_class', '2'])
   assert "--target label: --per_class explains each clip's own class" in fails_in_one_line(
       capsys, explain.main, [*common, '--per_class', '2', '--target', 'label'])
@@ -149,3 +150,24 @@ def test_errors_are_one_line(tmp_path, capsys, tiny_workdir, data_dir):  # noqa:
                                                                           'grey'])
   assert 'a dferjax workdir?' in fails_in_one_line(capsys, explain.main, ['--workdir', str(tmp_path / 'none'),
                                                                          '--clips', 'x'])
+
+
+def test_a_video_of_ones_own_is_explained_window_by_window(tmp_path, tiny_workdir):  # noqa: F811
+  """--video: dferjax.predict's windows of the video (here 3 s at 10 fps: frames 0-20 and 10-30), each explained
+  with the probabilities predict gives it, its frames numbered from the video's start, and no label."""
+  frames, _ = test_predict._face_frames()
+  video = test_predict._write_video(tmp_path / 'happy.avi', frames)
+  workdir = tiny_workdir('stt')
+  predicted = predict.main(['--workdir', workdir, '--video', video, '--no_detect', '--out', str(tmp_path / 'p')])
+  records = explain.explain(workdir, video=video, detect=False, steps=8, out=str(tmp_path / 'e'))
+  assert [record['clip_id'] for record in records] == ['frames 0-20', 'frames 10-30']
+  sampler = sampling.make_sampler(evaluate.load_run_config(workdir).input.sampler.to_dict())
+  for record, window, start in zip(records, predicted['windows'], (0, 10)):
+    assert record['label'] is None and record['target'] == record['prediction'] == window['prediction']
+    np.testing.assert_allclose(list(record['probabilities'].values()), list(window['probabilities'].values()),
+                               atol=1e-5)
+    assert record['frames'] == (start + sampler(20, None).reshape(-1)).tolist()
+    assert cv2.imread(str(tmp_path / 'e' / f'{record["clip_id"].replace(" ", "_")}.png')).shape[2] == 3
+  with pytest.raises(explain.ExplainError, match='--target label: a video of your own has no label'):
+    explain.explain(workdir, video=video, detect=False, target='label')
+
