@@ -100,6 +100,11 @@ def format_results_table(rows: Mapping[str, Mapping], class_names: Sequence[str]
       line.append(str(texts[i]) if i < len(rows) else '')
   if latex:
     return latex_tabular(header, cells, rule_before=len(rows) if with_mean else None)
+  return markdown_table(header, cells)
+
+
+def markdown_table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+  """A Markdown table, its columns padded to one width: the first left-aligned, the others right."""
   widths = [max(len(str(line[column])) for line in [header, *cells]) for column in range(len(header))]
   format_line = lambda line: '| ' + ' | '.join(
       str(cell).ljust(width) if column == 0 else str(cell).rjust(width)

@@ -71,8 +71,9 @@ def _percent(value) -> str:
   return '-' if value is None else f'{100 * value:.2f}'
 
 
-def sweep_table(workdirs: dict[str, str], select_by: str = 'war') -> str:
-  """The runs side by side (module docstring): a Markdown table, then which combination the hold-out chose."""
+def sweep_table(workdirs: dict[str, str], select_by: str = 'war', latex: bool = False) -> str:
+  """The runs side by side (module docstring): a Markdown table (`latex`: a booktabs tabular, the other lines as
+  comments), then which combination the hold-out chose."""
   from dferjax import reports  # pylint: disable=import-outside-toplevel
   rows, problems = [], []
   for name, workdir in workdirs.items():
@@ -99,20 +100,15 @@ def sweep_table(workdirs: dict[str, str], select_by: str = 'war') -> str:
                   _percent(on_holdout.get('war')), _percent(selected.get('uar')), _percent(selected.get('war')),
                   str(selected.get('epoch', '-')), _percent(best and best['uar']), _percent(best and best['war']),
                   str(best['epoch'] if best else '-')])
-  widths = [max(len(line[column]) for line in [header, *cells]) for column in range(len(header))]
-  format_line = lambda line: '| ' + ' | '.join(cell.ljust(width) if column == 0 else cell.rjust(width)
-                                               for column, (cell, width) in enumerate(zip(line, widths))) + ' |'
   lines = [f'{len(rows)} runs; test = each run\'s evaluation split ({", ".join(sorted({row[1] for row in rows}))})',
-           format_line(header), '|' + '|'.join('-' * (width + 1) + (':' if column else '-')
-                                               for column, width in enumerate(widths)) + '|',
-           *(format_line(line) for line in cells)]
+           reports.latex_tabular(header, cells) if latex else reports.markdown_table(header, cells)]
   if chosen:
     lines.append(f'* chosen on the hold-out ({select_by.upper()}): {chosen}; report its test UAR/WAR. The best test '
                  'columns select on test (the papers\' protocol) and are optimistic.')
   else:
     lines.append('No run has a validation hold-out, so choosing among these rows by their test numbers selects on '
                  'test: add --config.validation.fraction=0.1 after -- (and rerun in new workdirs).')
-  return '\n'.join(lines)
+  return reports.latex_comments('\n'.join(lines)) if latex else '\n'.join(lines)
 
 
 def main(argv=None):
@@ -123,6 +119,7 @@ def main(argv=None):
                       'more fields (every combination of their values runs)')
   parser.add_argument('--collect_only', action='store_true', help='do not train; only print the table')
   parser.add_argument('--select_by', default='war', choices=['war', 'uar'])
+  parser.add_argument('--latex', action='store_true', help='the table as a LaTeX (booktabs) tabular')
   parser.add_argument('--gpus', default='', help='e.g. 0,1,2,3: the runs at once, each on its GPU; default: one '
                       'after another, on every GPU')
   parser.add_argument('overrides', nargs='*', help='flags for every run of dferjax.main, after --')
@@ -139,7 +136,7 @@ def main(argv=None):
     if status := run_folds.run_folds(list(runs), list(workdirs.values()), commands, gpus, noun='run'):
       sys.exit(status)
   try:
-    print(sweep_table(workdirs, args.select_by))
+    print(sweep_table(workdirs, args.select_by, args.latex))
   except FileNotFoundError as error:
     parser.exit(1, f'error: {error}\n')
 

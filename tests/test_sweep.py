@@ -71,6 +71,9 @@ def test_table_marks_the_hold_out_choice_and_keeps_the_best_test_epoch_apart(tmp
   assert rows['* lr=0.01'] == ['86.00', '86.00', '70.00', '70.00', '2', '80.00', '80.00', '1']
   assert rows['lr=0.1'] == ['80.00', '80.00', '70.00', '70.00', '3', '90.00', '90.00', '2']
   assert 'chosen on the hold-out (WAR): lr=0.01; report its test UAR/WAR' in text
+  as_latex = sweep.sweep_table(workdirs, latex=True)
+  assert '\n* lr=0.01 & 86.00 & 86.00 & 70.00 & 70.00 & 2 & 80.00 & 80.00 & 1 \\\\\n' in as_latex
+  assert as_latex.startswith('% 2 runs; ') and '\n% * chosen on the hold-out (WAR): lr=0.01' in as_latex
   by_uar = table_rows(sweep.sweep_table(workdirs, 'uar'))
   assert '* lr=0.01' in by_uar  # UAR = WAR on these balanced splits
   # AFEW-style runs report their validation split as "test"; without a hold-out the table says what choosing means.
