@@ -97,6 +97,8 @@ def test_clips_explained_as_evaluation_sees_them(tmp_path, tiny_workdir, data_di
     gaps.append(abs(record['completeness']['attributions_sum'] - record['completeness']['logit_difference']))
   assert gaps[1] < gaps[0] / 3 and gaps[1] < 0.1 * abs(record['completeness']['logit_difference']), gaps
 
+  if model_name != 'stt':  # what follows chooses clips, the same for every model
+    return
   # The most confident mistakes of evaluate's file, most confident first.
   mistakes = sorted((row for row in rows if row['prediction'] != row['label']),
                     key=lambda row: -max(row['probabilities']))
@@ -119,7 +121,7 @@ def test_clips_explained_as_evaluation_sees_them(tmp_path, tiny_workdir, data_di
     assert profile['right'] == sum(record['prediction'] == name for record in of_class)
     share = np.mean([record['frame_share'] for record in of_class], axis=0)
     np.testing.assert_allclose(profile['mean_share'], share, rtol=1e-6)
-    assert len(share) % 2 == 0  # 4 and 14 frames: the later half is whole frames
+    assert len(share) == 4  # the later half is frames 3 and 4
     assert profile['later_half'] == pytest.approx(share[len(share) // 2:].sum(), rel=1e-6)
   assert cv2.imread(str(out / 'class_profiles.png')).shape[2] == 3
 
