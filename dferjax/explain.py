@@ -96,9 +96,11 @@ def make_baseline(video: np.ndarray, name: str) -> np.ndarray:
 
 
 class ModelLogits:
-  """The run's model in eval mode and float32, as (compiled once) functions of the clip's batch fields: all
-  logits of a batch of videos, and the path gradient of one class's logit (integrated_gradients). `fields`: the
-  clip's batch fields other than video, label and mask (EST's permutation), [1, ...], repeated for every video."""
+  """The run's model in eval mode and float32, as (compiled once) functions of the clip's batch fields: its
+  logits and the ones attributed for a batch of videos, and the path gradient of one class's attributed logit
+  (integrated_gradients). The attributed logits are the logits, or the aux output a model names in its
+  `attribution_output` where its logits pass through a decision rule (NR-DFERNet's snippet filter). `fields`:
+  the clip's batch fields other than video, label and mask (EST's permutation), [1, ...], repeated per video."""
 
   def __init__(self, run):
     import jax  # pylint: disable=import-outside-toplevel
@@ -108,21 +110,25 @@ class ModelLogits:
     if 'dtype' in getattr(model, '__dataclass_fields__', {}):
       model = model.clone(dtype=jnp.float32)
     self._variables = {'params': run.state.params, 'batch_stats': run.state.batch_stats}
+    self.attributed = getattr(type(model), 'attribution_output', None) or 'logits'
 
-    def logits(variables, fields, videos):
+    def outputs(variables, fields, videos):
       count = videos.shape[0]
       inputs = train.model_inputs(model, {name: jnp.broadcast_to(value, (count, *value.shape[1:]))
                                           for name, value in fields.items()})
-      return model.apply(variables, videos, **inputs, train=False)[0]
+      logits, aux = model.apply(variables, videos, **inputs, train=False)
+      return logits, logits if self.attributed == 'logits' else aux[self.attributed]
 
     def gradient(variables, fields, target, video, baseline, alphas, weights):
-      weighted = lambda points: (logits(variables, fields, points)[:, target] * weights).sum()
+      weighted = lambda points: (outputs(variables, fields, points)[1][:, target] * weights).sum()
       return jax.grad(weighted)(path_points(video, baseline, alphas)).sum(axis=0)
 
-    self._logits, self._gradient = jax.jit(logits), jax.jit(gradient)
+    self._outputs, self._gradient = jax.jit(outputs), jax.jit(gradient)
 
-  def logits(self, fields: dict, videos) -> np.ndarray:
-    return np.asarray(self._logits(self._variables, fields, videos))
+  def logits(self, fields: dict, videos) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, attributed logits), each [n, num_classes]."""
+    logits, attributed = self._outputs(self._variables, fields, videos)
+    return np.asarray(logits), np.asarray(attributed)
 
   def gradient(self, fields: dict, target: int):
     return functools.partial(self._gradient, self._variables, fields, np.int32(target))
@@ -278,8 +284,9 @@ def explain_clips(run, source, chosen: list[tuple[int, str]], *, target: str, ba
     extra = {name: np.asarray(value)[None] for name, value in fields.items()
              if name not in ('video', 'label', 'mask')}
     start = make_baseline(video, baseline)
-    logits, start_logits = model.logits(extra, np.stack([video, start]))
-    probabilities = np.exp(logits - logits.max())
+    both, attributed = model.logits(extra, np.stack([video, start]))
+    logits = both[0]
+    probabilities = np.exp(logits - logits.max())  # a class a decision rule suppressed (-inf) gets 0
     probabilities /= probabilities.sum()
     prediction, label = int(logits.argmax()), int(fields['label'])
     target_class = {'predicted': prediction, 'label': label}.get(target)
@@ -287,7 +294,7 @@ def explain_clips(run, source, chosen: list[tuple[int, str]], *, target: str, ba
       target_class = class_names.index(target)
     attributions = np.asarray(integrated_gradients(model.gradient(extra, target_class), video, start, steps=steps,
                                                    chunk=chunk))
-    difference = float(logits[target_class] - start_logits[target_class])
+    difference = float(attributed[0, target_class] - attributed[1, target_class])
     per_frame = attributions.reshape(len(video), -1)
     magnitude = np.abs(per_frame).sum(axis=1)
     frames = None
@@ -298,7 +305,8 @@ def explain_clips(run, source, chosen: list[tuple[int, str]], *, target: str, ba
         'clip_id': clip_id, 'label': class_names[label] if labelled else None,
         'prediction': class_names[prediction],
         'probabilities': {name: float(p) for name, p in zip(class_names, probabilities)},
-        'target': class_names[target_class], 'baseline': baseline, 'steps': steps, 'frames': frames,
+        'target': class_names[target_class], 'attributed': model.attributed, 'baseline': baseline, 'steps': steps,
+        'frames': frames,
         'frame_attribution': per_frame.sum(axis=1).tolist(),
         'frame_share': (magnitude / max(magnitude.sum(), 1e-30)).tolist(),
         'completeness': {'attributions_sum': float(attributions.sum()), 'logit_difference': difference},

@@ -12,6 +12,7 @@ import pytest
 from dferjax import evaluate, explain, predict
 from dferjax.data import build, datasets, sampling, synthetic
 import test_predict
+import workdir_helpers
 from workdir_helpers import fails_in_one_line, tiny_workdir  # noqa: F401  (a fixture)
 
 
@@ -50,8 +51,8 @@ def test_the_still_baseline_is_the_mean_frame():
 def data_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp('synthetic_explain')
   synthetic.write_dfew(str(root / 'manual'), clips_per_class=3, seed=2)
-  build.build('dfew', manual_dir=str(root / 'manual'), data_dir=str(root / 'tfds'), configs=['fold1_px32'],
-              show_progress=False)
+  build.build('dfew', manual_dir=str(root / 'manual'), data_dir=str(root / 'tfds'),
+              configs=['fold1_px32', 'fold1_px48'], show_progress=False)
   return str(root / 'tfds')
 
 
@@ -76,6 +77,7 @@ def test_clips_explained_as_evaluation_sees_them(tmp_path, tiny_workdir, data_di
     assert record['label'] == class_names[row['label']] and record['prediction'] == class_names[row['prediction']]
     np.testing.assert_allclose(list(record['probabilities'].values()), row['probabilities'], rtol=1e-4, atol=1e-6)
     assert record['target'] == record['prediction'] and record['baseline'] == 'black'
+    assert record['attributed'] == 'logits'
     assert record['frames'] == sampler(num_frames[record['clip_id']], None).reshape(-1).tolist()
     assert len(record['frame_share']) == len(record['frame_attribution']) == sampler.num_output_frames
     assert sum(record['frame_share']) == pytest.approx(1, abs=1e-5) and min(record['frame_share']) >= 0
@@ -172,4 +174,20 @@ def test_a_video_of_ones_own_is_explained_window_by_window(tmp_path, tiny_workdi
     assert cv2.imread(str(tmp_path / 'e' / f'{record["clip_id"].replace(" ", "_")}.png')).shape[2] == 3
   with pytest.raises(explain.ExplainError, match='--target label: a video of your own has no label'):
     explain.explain(workdir, video=video, detect=False, target='label')
+
+
+def test_a_decision_rule_after_the_logits_is_not_differentiated(tmp_path, data_dir):  # noqa: F811
+  """NR-DFERNet's snippet filter, made to fire on every clip: its neutral logit is -inf, its probability 0, and
+  explain attributes the sequence logits the network computes (attribution_output), complete and finite."""
+  config = workdir_helpers.tiny_config('nr_dfernet', filter_max_probability=0.0, filter_neutral_probability=1.0)
+  config.dataset.name = 'dfew/fold1_px48'
+  workdir = str(tmp_path / 'run')
+  workdir_helpers.write_workdir(workdir, config, seed=1)
+  clip_id = datasets.data_source('dfew/fold1_px48', 'test', data_dir)[0]['clip_id'].decode()
+  record, = explain.explain(workdir, clips=clip_id, data_dir=data_dir, target='neutral', steps=32)
+  assert record['probabilities']['neutral'] == 0 and record['prediction'] != 'neutral'
+  assert record['attributed'] == 'sequence_logits'
+  check = record['completeness']
+  assert np.isfinite(check['logit_difference']) and check['logit_difference'] != 0
+  assert check['attributions_sum'] == pytest.approx(check['logit_difference'], rel=0.05), check
 

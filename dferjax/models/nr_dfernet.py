@@ -134,6 +134,9 @@ class NRDFERNet(nn.Module):
   rng_streams: ClassVar[tuple[str, ...]] = ()  # no dropout or stochastic depth
   classifier_names: ClassVar[tuple[str, ...]] = ('head',)
   model_inputs: ClassVar[tuple[str, ...]] = ()  # batch fields __call__ takes besides the video
+  # What dferjax.explain attributes: the filter is a decision, not a differentiable function, and sets the
+  # neutral logit to -inf; the sequence logits are what the network computes.
+  attribution_output: ClassVar[str] = 'sequence_logits'
 
   def metric_heads(self) -> dict:
     if not self.snippet_filter:
