@@ -427,7 +427,7 @@ def main(argv=None) -> list[dict]:
   parser.add_argument('--stride', type=float, default=1.0, help='--video/--frames: between window starts, seconds')
   parser.add_argument('--fps', type=float, default=25.0, help='frame rate of --frames (and of a video without one)')
   parser.add_argument('--split', help="the run's split (default: its evaluation split)")
-  parser.add_argument('--step', default='best', help="'best', 'latest' or a step number")
+  parser.add_argument('--step', default='best', help="'best', 'selected', 'latest' or a step number")
   parser.add_argument('--target', default='predicted', help="'predicted', 'label' or a class name")
   parser.add_argument('--baseline', default='black', help=f'one of {BASELINES}')
   parser.add_argument('--steps', type=int, default=32, help='intervals of the path integral')

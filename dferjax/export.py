@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(prog='python -m dferjax.export', description=__doc__.split('\n\n')[0])
   parser.add_argument('--workdir', required=True, help='a dferjax run directory')
   parser.add_argument('--output', required=True, help='the .pt file to write (its .json description goes beside it)')
-  parser.add_argument('--step', default='best', help="'best', 'latest' or a step number")
+  parser.add_argument('--step', default='best', help="'best', 'selected', 'latest' or a step number")
   parser.add_argument('--verbose', action='store_true', help='the traceback of an expected error (else one line)')
   args = parser.parse_args(argv)
   description = cli.run(lambda: export(args.workdir, args.output, args.step), verbose=args.verbose)

@@ -209,34 +209,19 @@ class Run:
   step: int
 
 
-def choose_step(checkpoints, step: str, workdir: str) -> int:
-  """'best' (the latest if no evaluation was kept), 'latest' or a step number held by `workdir`."""
-  if step == 'best':
-    chosen = checkpoints.best_step() or checkpoints.latest_step()
-  elif step == 'latest':
-    chosen = checkpoints.latest_step()
-  elif step.isdigit():
-    chosen = int(step)
-    if chosen not in checkpoints.all_steps():
-      raise PredictError(f'--step {chosen}: {workdir} holds steps {checkpoints.all_steps()}')
-  else:
-    raise PredictError(f"--step {step!r}: expected 'best', 'latest' or a step number")
-  if chosen is None:
-    raise PredictError(f'{workdir} holds no checkpoint: train it first (python -m dferjax.main)')
-  return chosen
-
-
 def load_run(workdir: str, step: str = 'best') -> Run:
-  """The run's model in evaluation form (no optimizer) with the checkpoint's parameters and BN statistics."""
+  """The run's model in evaluation form (no optimizer) with the checkpoint's parameters and BN statistics, at the
+  step `dferjax.evaluate` would take for `step` ('best', 'selected', 'latest' or a number; a damaged checkpoint
+  is passed over as there)."""
   from dferjax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from dferjax import train  # pylint: disable=import-outside-toplevel
-  from dferjax.evaluate import load_run_config  # pylint: disable=import-outside-toplevel
+  from dferjax.evaluate import choose_step, load_run_config  # pylint: disable=import-outside-toplevel
   config = load_run_config(workdir)
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise PredictError(f'{workdir} holds no checkpoint (no {os.path.join(workdir, "checkpoints")}): train it first')
-  checkpoints = checkpoint_lib.Checkpoints(workdir, read_only=True)
+  checkpoints = checkpoint_lib.Checkpoints(workdir, best_metric=config.best_metric, read_only=True)
   try:
-    chosen = choose_step(checkpoints, step, workdir)
+    chosen = choose_step(checkpoints, step, config, workdir)
     steps = train.make_steps(config, steps_per_epoch=None)
     state = checkpoint_lib.restore_for_evaluation(checkpoints, chosen, steps.abstract_state)
   finally:
@@ -358,7 +343,7 @@ def main(argv=None) -> dict:
   parser.add_argument('--workdir', required=True, help='a dferjax run directory')
   parser.add_argument('--video', help='a video file OpenCV can decode')
   parser.add_argument('--frames', help='a folder of frame images, read in natural order')
-  parser.add_argument('--step', default='best', help="'best', 'latest' or a step number")
+  parser.add_argument('--step', default='best', help="'best', 'selected', 'latest' or a step number")
   parser.add_argument('--out', help='output directory (default: WORKDIR/predictions/<input name>)')
   parser.add_argument('--no_detect', action='store_true', help='the frames are face crops already: no detection')
   parser.add_argument('--window', type=float, default=2.0, help='window length, seconds')
