@@ -233,6 +233,9 @@ def test_errors_are_one_line(tmp_path, capsys, video, tiny_workdir):
       (['--frames', str(tmp_path / 'empty'), '--no_detect'], r'^error: --frames .*empty: no such directory'),
       (['--video', video, '--frames', str(tmp_path), '--no_detect'], r'^error: give exactly one of --video and'),
       (['--video', video, '--no_detect', '--step', '7'], r'^error: --step 7: .* holds steps \[3\]'),
+      # evaluate's choice of a checkpoint: 'selected' reads the run's records, which this one has not
+      (['--video', video, '--no_detect', '--step', 'selected'], r'^error: .*metrics\.jsonl: no such metrics file'),
+      (['--video', video, '--no_detect', '--step', 'first'], r"^error: --step 'first': expected 'best', 'selected'"),
   ]
   no_checkpoint = tmp_path / 'run'
   shutil.copytree(workdir, no_checkpoint, ignore=shutil.ignore_patterns('checkpoints'))
