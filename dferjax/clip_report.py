@@ -91,8 +91,7 @@ def collect(steps: train.Steps, state, config: ml_collections.ConfigDict, reader
 
 
 def clip_row(record: dict, values: dict, outputs: dict[str, str], frames_of) -> dict:
-  clip_id = record['clip_id']
-  row = {'clip_id': clip_id.decode() if isinstance(clip_id, bytes) else str(clip_id),
+  row = {'clip_id': pipeline.clip_name(record),
          'label': int(values['label']), 'prediction': int(values['prediction']),
          'probabilities': np.round(values['probabilities'].astype(np.float64), 6).tolist()}
   if row['label'] != int(record['label']):

@@ -103,15 +103,14 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
     checkpoints.close()
   split = split or config.dataset.eval_split
   target = os.path.splitext(os.path.basename(clip_list))[0] if clip_list else dataset
-  name = re.sub(r'[^\w-]', '_', f'{target}_{split}' if other_dataset else split)  # 'test[:50%]' in a file name
+  name = evaluation_name(split, target if other_dataset else None)
   with train.device_memory_errors(config), \
        contextlib.closing(inputs.eval_reader(config, inputs.split_source(config, split))) as reader:
     result = train.evaluate(steps, state, config, reader)
     result['step'] = chosen
     if other_dataset:
       result.update(dataset=dataset, split=split)
-    result.update(clip_report.report(steps, state, config, reader,
-                                     os.path.join(workdir, f'clips_{name}_step{chosen}'), predict))
+    result.update(clip_report.report(steps, state, config, reader, clips_stem(workdir, name, chosen), predict))
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   if jax.process_index() == 0:
@@ -121,6 +120,17 @@ def evaluate_checkpoint(workdir: str, step: str = 'best', split: str | None = No
         title=f'{dataset if other_dataset else config.dataset.name} {split}, step {chosen}: '
               f'UAR {100 * result["uar"]:.1f}% WAR {100 * result["war"]:.1f}%'))
   return result
+
+
+def evaluation_name(split: str, target: str | None = None) -> str:
+  """An evaluation's part of its files' names: the split, after the other dataset or list file it is of
+  (`target`), made safe for a file name ('test[:50%]' -> 'test__50__')."""
+  return re.sub(r'[^\w-]', '_', f'{target}_{split}' if target else split)
+
+
+def clips_stem(workdir: str, name: str, step: int) -> str:
+  """<workdir>/clips_<evaluation_name>_step<N>: the per-clip file of an evaluation, without its .jsonl."""
+  return os.path.join(workdir, f'clips_{name}_step{step}')
 
 
 def evaluate_folds(workdirs, dataset: str | None, step: str = 'best', split: str | None = None,

@@ -134,14 +134,10 @@ class ModelLogits:
     return functools.partial(self._gradient, self._variables, fields, np.int32(target))
 
 
-def file_safe(name: str) -> str:
-  """A split's name as evaluate puts it in file names ('test[:50%]' -> 'test__50__')."""
-  return re.sub(r'[^\w-]', '_', name)
-
-
 def clips_file(workdir: str, split: str, step: int) -> str:
   """The per-clip file `python -m dferjax.evaluate` writes for the run's own split at a step."""
-  return os.path.join(workdir, f'clips_{file_safe(split)}_step{step}.jsonl')
+  from dferjax import evaluate  # pylint: disable=import-outside-toplevel
+  return evaluate.clips_stem(workdir, evaluate.evaluation_name(split), step) + '.jsonl'
 
 
 def choose_clips(source, workdir: str, split: str, step: int, *, clip_ids: list[str], wrong: int = 0,
@@ -150,6 +146,7 @@ def choose_clips(source, workdir: str, split: str, step: int, *, clip_ids: list[
   this split and step when there is one, else by reading the split's clip ids), the `wrong` most confident
   mistakes of that file, or for each class the `per_class` clips of it to which the model gives that class the
   highest probability (class by class)."""
+  from dferjax.data import pipeline  # pylint: disable=import-outside-toplevel
   path = clips_file(workdir, split, step)
   rows = None
   if os.path.isfile(path):
@@ -177,16 +174,12 @@ def choose_clips(source, workdir: str, split: str, step: int, *, clip_ids: list[
   if rows is not None:
     ids = [row['clip_id'] for row in rows]
   else:
-    ids = [_text(source[i]['clip_id']) for i in range(len(source))]
+    ids = [pipeline.clip_name(source[i]) for i in range(len(source))]
   positions = {clip_id: i for i, clip_id in enumerate(ids)}
   if missing := [clip_id for clip_id in clip_ids if clip_id not in positions]:
     raise ExplainError(f'{len(missing)} of the clips are not in the {split} split (first: {missing[0]!r}; its '
                        f'clips are named like {ids[0]!r})')
   return [(positions[clip_id], clip_id) for clip_id in clip_ids]
-
-
-def _text(value) -> str:
-  return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def explain(workdir: str, *, clips: str = '', wrong: int = 0, per_class: int = 0, video: str | None = None,
@@ -197,8 +190,8 @@ def explain(workdir: str, *, clips: str = '', wrong: int = 0, per_class: int = 0
   """The command: one record per clip (also written to `out`/attributions.jsonl) and its PNG; with `per_class`,
   also each class's mean frame shares (`class_profiles`). `video` or `frames`: a user's video, cut into the
   windows of `dferjax.predict` (its face crops; `detector` replaces the Haar cascade, for tests), each a clip."""
-  from dferjax import predict  # pylint: disable=import-outside-toplevel
-  from dferjax.data import inputs  # pylint: disable=import-outside-toplevel
+  from dferjax import evaluate, predict  # pylint: disable=import-outside-toplevel
+  from dferjax.data import inputs, pipeline  # pylint: disable=import-outside-toplevel
   if sum(map(bool, (clips, wrong, per_class, video or frames))) != 1:
     raise ExplainError('give one of --clips ID[,ID...], --wrong N, --per_class N and --video/--frames')
   for name, count in (('wrong', wrong), ('per_class', per_class)):
@@ -237,12 +230,12 @@ def explain(workdir: str, *, clips: str = '', wrong: int = 0, per_class: int = 0
     chosen = choose_clips(source, workdir, split, run.step, clip_ids=[c for c in clips.split(',') if c],
                           wrong=wrong, per_class=per_class)
     offsets = None
-    default_out = os.path.join(workdir, f'explain_{file_safe(split)}_step{run.step}')
+    default_out = os.path.join(workdir, f'explain_{evaluate.evaluation_name(split)}_step{run.step}')
     for position, clip_id in chosen:
-      if _text(source[position]['clip_id']) != clip_id:  # the per-clip file is of another version of the split
+      if (held := pipeline.clip_name(source[position])) != clip_id:  # a per-clip file of another split version
         raise ExplainError(f'{clips_file(workdir, split, run.step)} lists {clip_id!r} where the {split} split now '
-                           f'holds {_text(source[position]["clip_id"])!r}: evaluate the run again (python -m '
-                           f'dferjax.evaluate --workdir {workdir} --step {run.step})')
+                           f'holds {held!r}: evaluate the run again (python -m dferjax.evaluate --workdir '
+                           f'{workdir} --step {run.step})')
   if per_class:
     if 'shuffle_snippets' in config.input.transforms:
       raise ExplainError('--per_class averages frames by their place in time, but config.input.transforms.'
@@ -441,11 +434,14 @@ def main(argv=None) -> list[dict]:
       frames=args.frames, split=args.split, step=args.step, target=args.target, baseline=args.baseline,
       steps=args.steps, chunk=args.chunk, data_dir=args.data_dir, out=args.out, detect=not args.no_detect,
       window_seconds=args.window, stride_seconds=args.stride, fps=args.fps), verbose=args.verbose)
-  if args.per_class:
-    for name, profile in class_profiles(records, list(dict.fromkeys(r['label'] for r in records))).items():
+  if args.per_class:  # the profiles explain() wrote
+    out = os.path.dirname(records[0]['png'])
+    with open(os.path.join(out, 'class_profiles.json')) as f:
+      profiles = json.load(f)
+    for name, profile in profiles.items():
       print(f'{name}: {len(profile["clips"])} clips ({profile["right"]} predicted right); the later half of the '
             f'frames carries {100 * profile["later_half"]:.0f} % of the {name} logit')
-    print(f'-> {os.path.join(os.path.dirname(records[0]["png"]), "class_profiles.png")}')
+    print(f'-> {os.path.join(out, "class_profiles.png")}')
     return records
   for record in records:
     share = np.asarray(record['frame_share'])
